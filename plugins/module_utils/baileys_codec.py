@@ -1,0 +1,200 @@
+# -*- coding: utf-8 -*-
+# Copyright: baileys.resilience contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The Baileys multi-file auth state format: file names and JSON values.
+
+Pure Python, no Ansible import: the same code runs inside the modules and in
+the ``baileys-resilience`` command-line tool.
+
+File names follow Baileys' ``useMultiFileAuthState``: ``creds.json`` and one
+``<type>-<id>.json`` per key, where the whole name goes through
+``fixFileName`` (``/`` becomes ``__``, ``:`` becomes ``-``).
+
+Values are JSON.  Baileys writes every Buffer as
+``{"type": "Buffer", "data": "<base64>"}`` and its reviver no longer accepts
+the array form ``{"type": "Buffer", "data": [1, 2]}``.  Stores written by
+older code may also hold numeric-keyed objects ``{"0": 1, "1": 2}``.  Both
+legacy forms are normalised to the base64 form on export.
+"""
+from __future__ import absolute_import, division, print_function
+
+import base64
+import json
+import re
+
+__metaclass__ = type
+
+CREDS_FILE = "creds.json"
+MANIFEST_FILE = ".baileys-resilience-manifest.json"
+TEMP_PREFIX = ".baileys-resilience-tmp-"
+
+KEY_TYPES = (
+    "pre-key",
+    "session",
+    "sender-key",
+    "sender-key-memory",
+    "app-state-sync-key",
+    "app-state-sync-version",
+    "lid-mapping",
+    "device-list",
+    "tctoken",
+    "identity-key",
+)
+# longest first, so that "sender-key-memory-x" is not read as sender-key "memory-x"
+_TYPES_LONGEST_FIRST = tuple(sorted(KEY_TYPES, key=len, reverse=True))
+
+# Only these two legacy forms make a value need rewriting; everything else is
+# written exactly as the store renders it.  A false positive costs a parse.
+_NEEDS_NORMALISE = re.compile(r'"data"\s*:\s*\[|[{,]\s*"0"\s*:')
+
+
+class CodecError(ValueError):
+    """A value or a file name that is not part of the Baileys format."""
+
+
+def fix_file_name(name):
+    """Baileys' fixFileName: '/' -> '__', ':' -> '-'."""
+    return name.replace("/", "__").replace(":", "-")
+
+
+def key_file_name(key_type, key_id):
+    """The file name Baileys uses for key ``key_id`` of ``key_type``."""
+    if key_type not in KEY_TYPES:
+        raise CodecError("unknown key type %r" % (key_type,))
+    if not key_id:
+        raise CodecError("empty key id for type %r" % (key_type,))
+    return fix_file_name("%s-%s.json" % (key_type, key_id))
+
+
+def parse_key_file_name(file_name):
+    """Reverse of :func:`key_file_name`: ``(key_type, key_id)``.
+
+    Raises :class:`CodecError` for a name that is not a key file.
+    The reverse is the documented one: sender-key ids turn ``--`` back into
+    ``::``, app-state-sync-key ids turn ``__`` back into ``/``; other ids are
+    unchanged (tctoken's ``__index`` stays literal).
+    """
+    if not file_name.endswith(".json"):
+        raise CodecError("not a .json file: %r" % (file_name,))
+    stem = file_name[: -len(".json")]
+    for key_type in _TYPES_LONGEST_FIRST:
+        prefix = key_type + "-"
+        if stem.startswith(prefix) and len(stem) > len(prefix):
+            key_id = stem[len(prefix):]
+            if key_type == "sender-key":
+                key_id = key_id.replace("--", "::")
+            elif key_type == "app-state-sync-key":
+                key_id = key_id.replace("__", "/")
+            return key_type, key_id
+    raise CodecError("unknown key file name %r" % (file_name,))
+
+
+def round_trips(key_type, key_id):
+    """True when the file name of this key reads back as the same id."""
+    try:
+        return parse_key_file_name(key_file_name(key_type, key_id)) == (key_type, key_id)
+    except CodecError:
+        return False
+
+
+def _is_byte(value):
+    return type(value) is int and 0 <= value <= 255
+
+
+def _as_buffer_bytes(value):
+    """The bytes of a legacy Buffer form, or None when ``value`` is not one."""
+    if type(value) is not dict:
+        return None
+    if value.get("type") == "Buffer" and len(value) == 2 and isinstance(value.get("data"), list):
+        data = value["data"]
+        if all(_is_byte(b) for b in data):
+            return bytes(data)
+        return None
+    if value and all(type(k) is str and k.isdigit() and (k == "0" or k[0] != "0") for k in value):
+        n = len(value)
+        try:
+            ordered = [value[str(i)] for i in range(n)]
+        except KeyError:
+            return None  # not contiguous from 0: not a Buffer we recognise
+        if all(_is_byte(b) for b in ordered):
+            return bytes(ordered)
+    return None
+
+
+def buffer_json(data, encoding="base64"):
+    """A Buffer as Baileys' BufferJSON.replacer writes it (or the array form)."""
+    if encoding == "array":
+        return {"type": "Buffer", "data": list(bytearray(data))}
+    return {"type": "Buffer", "data": base64.b64encode(data).decode("ascii")}
+
+
+def normalise(value, encoding="base64"):
+    """Return ``value`` with every Buffer in one form; count the conversions.
+
+    ``encoding`` is ``base64`` (Baileys' own form, the default) or ``array``
+    (for stores whose readers expect the legacy form).
+    """
+    converted = [0]
+
+    def walk(v):
+        if type(v) is dict:
+            raw = _as_buffer_bytes(v)
+            if raw is not None:
+                converted[0] += 1
+                return buffer_json(raw, encoding)
+            if encoding == "array" and v.get("type") == "Buffer" and isinstance(v.get("data"), str) and len(v) == 2:
+                converted[0] += 1
+                return buffer_json(base64.b64decode(v["data"], validate=True), encoding)
+            return {k: walk(x) for k, x in v.items()}
+        if type(v) is list:
+            return [walk(x) for x in v]
+        return v
+
+    result = walk(value)
+    return result, converted[0]
+
+
+def _jsonb_key_order(key):
+    # PostgreSQL's jsonb orders object keys by length, then bytewise.
+    raw = key.encode("utf-8")
+    return (len(raw), raw)
+
+
+def _sorted_jsonb(value):
+    if type(value) is dict:
+        return {k: _sorted_jsonb(value[k]) for k in sorted(value, key=_jsonb_key_order)}
+    if type(value) is list:
+        return [_sorted_jsonb(x) for x in value]
+    return value
+
+
+def render(value):
+    """Render ``value`` as PostgreSQL renders jsonb as text.
+
+    Files therefore hold exactly what ``value::text`` returns for the same
+    jsonb, so a store -> files -> store -> files round trip is byte-stable.
+    """
+    return json.dumps(_sorted_jsonb(value), ensure_ascii=False, separators=(", ", ": "), allow_nan=False)
+
+
+def file_text(source_text, encoding="base64"):
+    """The file content for a value read from the store as text.
+
+    Returns ``(text, conversions)``.  The common case (nothing to normalise)
+    returns the store's own text untouched, without parsing it.
+    """
+    if encoding == "base64" and not _NEEDS_NORMALISE.search(source_text):
+        return source_text, 0
+    value, converted = normalise(json.loads(source_text), encoding)
+    if not converted:
+        return source_text, 0
+    return render(value), converted
+
+
+def loads_strict(text):
+    """Parse JSON the way Baileys' JSON.parse would accept it (no NaN)."""
+
+    def bad_constant(name):
+        raise ValueError("invalid JSON constant %s" % name)
+
+    return json.loads(text, parse_constant=bad_constant)

@@ -1,0 +1,183 @@
+# -*- coding: utf-8 -*-
+# Copyright: baileys.resilience contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Atomic, durable file writes.
+
+A file is written to a temporary name in the same directory, flushed to disk,
+then renamed over the final name, and the directory is fsynced: a reader sees
+the old file or the new one, never half of either, and after a crash the
+rename is either there with its data or not there at all.
+
+Writing thousands of small files with one fsync each is slow, so
+:class:`BatchWriter` writes every temporary file of a directory first, flushes
+them all with a single ``syncfs`` (falling back to one fsync per file where
+``syncfs`` is missing), and only then renames them.  The guarantee is the
+same: no final name ever points at data that is not on disk.
+"""
+from __future__ import absolute_import, division, print_function
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+
+__metaclass__ = type
+
+TEMP_PREFIX = ".baileys-resilience-tmp-"
+
+_libc = None
+_syncfs = None
+try:  # pragma: no branch
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _syncfs = getattr(_libc, "syncfs", None)
+except OSError:  # pragma: no cover
+    _syncfs = None
+
+
+class FsError(OSError):
+    pass
+
+
+def fsync_dir(path_or_fd):
+    fd = path_or_fd if isinstance(path_or_fd, int) else os.open(path_or_fd, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        if not isinstance(path_or_fd, int):
+            os.close(fd)
+
+
+def syncfs(fd):
+    """Flush the whole filesystem holding ``fd``; False if unavailable."""
+    if _syncfs is None:
+        return False
+    if _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return True
+
+
+def atomic_write(path, data, mode=0o600, uid=-1, gid=-1):
+    """Write ``data`` (bytes) to ``path`` atomically and durably."""
+    directory = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    tmp = os.path.join(directory, "%s%d-%s" % (TEMP_PREFIX, os.getpid(), name))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)
+        if uid != -1 or gid != -1:
+            os.fchown(fd, uid, gid)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quiet(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def _unlink_quiet(path, dir_fd=None):
+    try:
+        os.unlink(path, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def open_dir(path, create=False, mode=0o700, parent_fd=None):
+    """Open a directory without following a symlink at its last component.
+
+    With ``create``, make it (mode ``mode``) when absent.  Returns
+    ``(fd, created)``.
+    """
+    created = False
+    if create:
+        try:
+            os.mkdir(path, mode, dir_fd=parent_fd)
+            created = True
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    return fd, created
+
+
+class BatchWriter:
+    """Stage many files in one directory; commit them with one flush.
+
+    ``stage(name, data)`` writes a temporary file; ``commit()`` makes every
+    staged file durable, renames them into place and fsyncs the directory.
+    ``abort()`` removes the temporary files.
+    """
+
+    def __init__(self, dir_fd, mode=0o600, uid=-1, gid=-1):
+        self.dir_fd = dir_fd
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self._staged = []  # (tmp, final)
+        self._fds_needing_sync = []
+        self._serial = 0
+        self._pid = os.getpid()
+
+    def stage(self, name, data):
+        self._serial += 1
+        tmp = "%s%d-%d" % (TEMP_PREFIX, self._pid, self._serial)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, self.mode,
+                     dir_fd=self.dir_fd)
+        try:
+            if self.uid != -1 or self.gid != -1:
+                os.fchown(fd, self.uid, self.gid)
+            # the umask may have narrowed the mode at creation
+            os.fchmod(fd, self.mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if _syncfs is None:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._staged.append((tmp, name))
+
+    def __len__(self):
+        return len(self._staged)
+
+    def commit(self):
+        if not self._staged:
+            return []
+        syncfs(self.dir_fd)  # one flush for all staged files (no-op fallback: fsynced at stage)
+        done = []
+        for tmp, final in self._staged:
+            os.rename(tmp, final, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            done.append(final)
+        self._staged = []
+        os.fsync(self.dir_fd)
+        return done
+
+    def abort(self):
+        for tmp, _final in self._staged:
+            _unlink_quiet(tmp, dir_fd=self.dir_fd)
+        self._staged = []
+
+
+def remove_stale_temps(dir_fd):
+    """Remove temporary files an interrupted run left behind; return their names."""
+    removed = []
+    for entry in os.scandir(dir_fd):
+        if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+            _unlink_quiet(entry.name, dir_fd=dir_fd)
+            removed.append(entry.name)
+    return removed
+
+
+def is_regular(st):
+    return stat.S_ISREG(st.st_mode)

@@ -1,0 +1,186 @@
+# -*- coding: utf-8 -*-
+# Copyright: baileys.resilience contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""PostgreSQL connections, shared by every module and the command-line tool.
+
+The options mirror community.postgresql (``login_host``, ``login_port``,
+``login_user``, ``login_password``, ``login_db``, ``login_unix_socket``,
+``ssl_mode``, ``ca_cert``) plus ``connect_params``.  Everything reaches libpq
+as separate keyword parameters, never as a connection string built by hand,
+so passwords with any character work and no secret is ever put on a command
+line.  Unset options fall back to libpq's own environment (``PGHOST``,
+``PGPASSWORD``, ``PGPASSFILE``, ``PGSERVICE``...) and ``~/.pgpass``.
+"""
+from __future__ import absolute_import, division, print_function
+
+import re
+
+__metaclass__ = type
+
+try:
+    import psycopg
+    from psycopg import sql
+    HAS_PSYCOPG = True
+    PSYCOPG_IMPORT_ERROR = None
+except ImportError as exc:  # pragma: no cover - exercised on hosts without it
+    psycopg = None
+    sql = None
+    HAS_PSYCOPG = False
+    PSYCOPG_IMPORT_ERROR = exc
+
+# Plain data, turned into an Ansible argument_spec by the modules.
+CONNECTION_ARGSPEC = dict(
+    login_host=dict(type="str", aliases=["host", "login_hostname"]),
+    login_port=dict(type="int", aliases=["port"]),
+    login_user=dict(type="str", aliases=["login", "user"]),
+    login_password=dict(type="str", no_log=True, aliases=["password"]),
+    login_db=dict(type="str", aliases=["db", "database"]),
+    login_unix_socket=dict(type="str", aliases=["unix_socket"]),
+    ssl_mode=dict(type="str", choices=["allow", "disable", "prefer", "require", "verify-ca", "verify-full"]),
+    ca_cert=dict(type="str", aliases=["ssl_rootcert"]),
+    connect_timeout=dict(type="int", default=10),
+    connect_params=dict(type="dict", default={}),
+)
+
+STORE_ARGSPEC = dict(
+    schema=dict(type="str", default="public"),
+    auth_table=dict(type="str", default="whatsapp_auth"),
+    keys_table=dict(type="str", default="whatsapp_keys"),
+)
+
+_LIBPQ_MAP = (
+    ("login_host", "host"),
+    ("login_port", "port"),
+    ("login_user", "user"),
+    ("login_password", "password"),
+    ("login_db", "dbname"),
+    ("ssl_mode", "sslmode"),
+    ("ca_cert", "sslrootcert"),
+    ("connect_timeout", "connect_timeout"),
+)
+
+
+class PgError(RuntimeError):
+    """A connection or query failure, with a message fit for an operator."""
+
+
+def require_psycopg():
+    if not HAS_PSYCOPG:
+        raise PgError(
+            "the Python package 'psycopg' (version 3) is required on the host that runs this: "
+            "install python3-psycopg (Debian/Ubuntu) or 'pip install psycopg[binary]' (%s)" % PSYCOPG_IMPORT_ERROR
+        )
+
+
+def libpq_params(params):
+    """libpq keyword parameters from module-style options (``None`` left out)."""
+    out = {}
+    for ours, theirs in _LIBPQ_MAP:
+        value = params.get(ours)
+        if value is not None and value != "":
+            out[theirs] = value
+    # a unix socket directory is a host to libpq; it wins over login_host
+    if params.get("login_unix_socket"):
+        out["host"] = params["login_unix_socket"]
+    for key, value in (params.get("connect_params") or {}).items():
+        if value is not None:
+            out[str(key)] = value
+    out.setdefault("application_name", "baileys-resilience")
+    return out
+
+
+def describe(params):
+    """Where we connect, for messages: never includes the password."""
+    p = libpq_params(params)
+    host = p.get("host", "(libpq default)")
+    port = p.get("port", "(default)")
+    return "host=%s port=%s dbname=%s user=%s" % (host, port, p.get("dbname", "(default)"), p.get("user", "(default)"))
+
+
+def _scrub(message, params):
+    password = params.get("login_password") or (params.get("connect_params") or {}).get("password")
+    text = str(message).strip()
+    if password:
+        text = text.replace(str(password), "********")
+    return text
+
+
+def connect(params, autocommit=False):
+    """Open a psycopg connection.  Errors say where, never the password."""
+    require_psycopg()
+    kwargs = libpq_params(params)
+    try:
+        conn = psycopg.connect(autocommit=autocommit, **kwargs)
+    except psycopg.Error as exc:
+        raise PgError("cannot connect to PostgreSQL (%s): %s" % (describe(params), _scrub(exc, params)))
+    return conn
+
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+
+
+class Store:
+    """Quoted identifiers of the auth state tables."""
+
+    def __init__(self, schema="public", auth_table="whatsapp_auth", keys_table="whatsapp_keys"):
+        require_psycopg()
+        for label, name in (("schema", schema), ("auth_table", auth_table), ("keys_table", keys_table)):
+            if not name or len(name) > 63 or "\x00" in name:
+                raise PgError("invalid %s name %r" % (label, name))
+        self.schema = schema
+        self.auth_table = auth_table
+        self.keys_table = keys_table
+        self.auth = sql.Identifier(schema, auth_table)
+        self.keys = sql.Identifier(schema, keys_table)
+
+    @classmethod
+    def from_params(cls, params):
+        return cls(params.get("schema") or "public", params.get("auth_table") or "whatsapp_auth",
+                   params.get("keys_table") or "whatsapp_keys")
+
+    def check_tables(self, cur):
+        """Fail with a clear message when a table is missing."""
+        missing = []
+        for table in (self.auth_table, self.keys_table):
+            cur.execute(
+                "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+                (self.schema, table),
+            )
+            if cur.fetchone() is None:
+                missing.append("%s.%s" % (self.schema, table))
+        if missing:
+            raise PgError("auth state table(s) not found: %s (check schema/auth_table/keys_table)" % ", ".join(missing))
+
+
+def server_version_num(conn):
+    with conn.cursor() as cur:
+        cur.execute("SHOW server_version_num")
+        return int(cur.fetchone()[0])
+
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS {auth} (
+    company_id text PRIMARY KEY,
+    creds jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {keys} (
+    company_id text NOT NULL,
+    key_type text NOT NULL,
+    key_id text NOT NULL,
+    value jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NULL,
+    PRIMARY KEY (company_id, key_type, key_id)
+);
+"""
+
+
+def create_schema(conn, store):
+    """Create the two tables (the reference layout) when absent."""
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(store.schema)))
+        cur.execute(sql.SQL(SCHEMA_SQL).format(auth=store.auth, keys=store.keys))
