@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -31,9 +33,13 @@ _counter = itertools.count(1)
 @pytest.fixture(scope="session")
 def pg(tmp_path_factory):
     """One real PostgreSQL server (the newest on this machine) for the session."""
-    server = PgServer(str(tmp_path_factory.mktemp("pg"))).start()
+    # not under pytest's 0700 tmp dir: the server runs as the postgres user
+    base = tempfile.mkdtemp(prefix="baileys-resilience-pg-")
+    os.chmod(base, 0o755)
+    server = PgServer(base).start()
     yield server
     server.stop("immediate")
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -184,3 +184,21 @@ def create_schema(conn, store):
     with conn.cursor() as cur:
         cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(store.schema)))
         cur.execute(sql.SQL(SCHEMA_SQL).format(auth=store.auth, keys=store.keys))
+
+
+def argspec(*parts, **extra):
+    """Merge argument-spec dicts (deep-copied, so modules can't alter the shared ones)."""
+    import copy
+
+    spec = {}
+    for part in parts:
+        spec.update(copy.deepcopy(part))
+    spec.update(extra)
+    return spec
+
+
+def split_params(params):
+    """(connection options, store options) from a module's or the CLI's params."""
+    conn = {k: params.get(k) for k in CONNECTION_ARGSPEC}
+    store = {k: params.get(k) for k in STORE_ARGSPEC}
+    return conn, store

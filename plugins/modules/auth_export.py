@@ -1,0 +1,235 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: baileys.resilience contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: auth_export
+short_description: Export a Baileys auth state from PostgreSQL to useMultiFileAuthState directories
+version_added: 0.1.0
+description:
+  - Reads the creds and signal keys of every company (or of O(companies)) from PostgreSQL in one
+    C(REPEATABLE READ) snapshot, so creds and keys agree, and mirrors each company into
+    C(<dest>/<company_dir>/) in the layout Baileys' C(useMultiFileAuthState) reads
+    (C(creds.json) and C(<type>-<id>.json) per key).
+  - Every Buffer is written in Baileys' base64 form C({"type":"Buffer","data":"<base64>"});
+    the legacy array form and numeric-keyed objects found in the store are normalised.
+  - Each file is written atomically (temporary file, flush to disk, rename). A manifest per company
+    (sha256 and size per file, counts, snapshot time) is written last. An interrupted run leaves no
+    half-written file and the next run completes the mirror.
+  - Idempotent. A run that finds nothing to change touches no file and reports C(changed=false);
+    the manifest lets it skip unchanged files without rewriting them.
+  - Nothing under O(dest) is touched when the database cannot be reached.
+author:
+  - baileys.resilience contributors
+extends_documentation_fragment:
+  - baileys.resilience.postgres
+  - baileys.resilience.store
+attributes:
+  check_mode:
+    support: full
+    description: Reads the database, writes nothing, and reports exactly what would change.
+  diff_mode:
+    support: full
+    description: Lists, per company, the files that would be written or removed.
+options:
+  dest:
+    description:
+      - Absolute path of the root directory; each company goes to a directory below it.
+      - Created (mode O(directory_mode)) when missing; its parent must exist.
+    type: path
+    required: true
+  companies:
+    description:
+      - Company ids to export. Default, every company found in the store.
+      - Ids containing C(/), C(\), NUL or C(..), or starting with C(.), are refused.
+    type: list
+    elements: str
+  company_dir:
+    description:
+      - Name of each company's directory under O(dest); must contain C({company_id}) once.
+    type: str
+    default: "{company_id}"
+  prune:
+    description:
+      - Remove key files that are no longer in the store.
+      - Only files named like Baileys key files inside company directories are ever removed;
+        C(creds.json), unknown files and anything outside the company directories are left alone.
+    type: bool
+    default: true
+  owner:
+    description:
+      - Owner of the files and company directories (name or uid). Default, the user running the module.
+    type: str
+  group:
+    description:
+      - Group of the files and company directories (name or gid).
+    type: str
+  mode:
+    description:
+      - Mode of every file written, as an octal string.
+    type: raw
+    default: "0600"
+  directory_mode:
+    description:
+      - Mode of O(dest) when created and of the company directories, as an octal string.
+    type: raw
+    default: "0700"
+notes:
+  - Key ids that Baileys' file naming cannot carry back (for example a C(:) in a session id) are
+    exported under Baileys' own name, which Baileys reads, and reported in RV(warnings_list),
+    because M(baileys.resilience.auth_import) would read them back as a different id.
+  - The C(expires_at) column has no place in Baileys' files and is not exported.
+seealso:
+  - module: baileys.resilience.auth_import
+"""
+
+EXAMPLES = r"""
+- name: Export every company's auth state for the file-based build
+  baileys.resilience.auth_export:
+    login_host: db.internal
+    login_user: baileys
+    login_password: "{{ vault_baileys_db_password }}"
+    login_db: whatsapp
+    dest: /srv/whatsapp/sessions
+    company_dir: "session-{company_id}"
+    owner: whatsapp
+    group: whatsapp
+
+- name: Export two companies, keep files the store no longer has
+  baileys.resilience.auth_export:
+    login_unix_socket: /var/run/postgresql
+    login_db: whatsapp
+    dest: /srv/whatsapp/sessions
+    companies: [acme, globex]
+    prune: false
+
+- name: What would change? (check mode with diff)
+  baileys.resilience.auth_export:
+    login_db: whatsapp
+    dest: /srv/whatsapp/sessions
+  check_mode: true
+  diff: true
+"""
+
+RETURN = r"""
+dest:
+  description: The root directory.
+  returned: always
+  type: str
+snapshot_time:
+  description: Start time of the database snapshot the export reflects.
+  returned: always
+  type: str
+  sample: "2026-11-24T03:00:00.123456+00:00"
+source:
+  description: Where the state was read from.
+  returned: always
+  type: str
+  sample: database
+server_version_num:
+  description: The server's C(server_version_num).
+  returned: always
+  type: int
+  sample: 180001
+companies:
+  description: One entry per company.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    company_id:
+      description: The company id.
+      type: str
+    directory:
+      description: The company's directory.
+      type: str
+    creds:
+      description: Whether the company has creds (C(creds.json)).
+      type: bool
+    keys:
+      description: Number of keys in the store.
+      type: int
+    written:
+      description: Files written (or that would be, in check mode).
+      type: int
+    unchanged:
+      description: Files already identical, not touched.
+      type: int
+    removed:
+      description: Key files removed by O(prune).
+      type: int
+    metadata_fixed:
+      description: Files or directories whose mode or owner was corrected.
+      type: int
+    ignored:
+      description: Files in the company directory that are not part of the auth state, left alone.
+      type: list
+      elements: str
+    changed:
+      description: Whether anything changed for this company.
+      type: bool
+totals:
+  description:
+    - Sums over all companies (C(companies), C(creds), C(keys), C(written), C(unchanged),
+      C(removed), C(metadata_fixed)).
+  returned: always
+  type: dict
+  sample: {companies: 1, creds: 1, keys: 1650, written: 1651, unchanged: 0, removed: 0, metadata_fixed: 0}
+warnings_list:
+  description: Non-fatal findings (also shown as task warnings).
+  returned: always
+  type: list
+  elements: str
+duration:
+  description: Seconds the export took.
+  returned: always
+  type: float
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.baileys.resilience.plugins.module_utils import authstate, pgconn
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=pgconn.argspec(
+            pgconn.CONNECTION_ARGSPEC,
+            pgconn.STORE_ARGSPEC,
+            dest=dict(type="path", required=True),
+            companies=dict(type="list", elements="str"),
+            company_dir=dict(type="str", default="{company_id}"),
+            prune=dict(type="bool", default=True),
+            owner=dict(type="str"),
+            group=dict(type="str"),
+            mode=dict(type="raw", default="0600"),
+            directory_mode=dict(type="raw", default="0700"),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    conn_params, store_params = pgconn.split_params(p)
+    try:
+        opts = authstate.ExportOptions(
+            dest=p["dest"], company_dir=p["company_dir"], prune=p["prune"], owner=p["owner"], group=p["group"],
+            mode=p["mode"], directory_mode=p["directory_mode"], check_mode=module.check_mode, diff=module._diff,
+        )
+        result = authstate.export_from_database(conn_params, store_params, opts, p["companies"])
+    except (authstate.AuthStateError, pgconn.PgError) as exc:
+        module.fail_json(msg=str(exc))
+    diffs = [c.pop("diff") for c in result["companies"] if "diff" in c]
+    for warning in result["warnings"][:20]:
+        module.warn(warning)
+    result["warnings_list"] = result.pop("warnings")
+    if module._diff:
+        result["diff"] = diffs
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: baileys.resilience contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: auth_import
+short_description: Import a Baileys auth state from useMultiFileAuthState directories into PostgreSQL
+version_added: 0.1.0
+description:
+  - Reads C(creds.json) and every C(<type>-<id>.json) key file of each company directory under O(src)
+    (or of the single directory O(src) with O(company_id)) and writes them to PostgreSQL.
+  - Validates every file first. Any unreadable file, bad JSON or unknown file name fails the task,
+    naming the files, and the database is not touched.
+  - The whole run is one transaction, all or nothing. Rows are loaded with C(COPY) into a temporary
+    table and merged with one upsert per table that only changes rows whose value differs, so
+    C(updated_at) moves only on rows that changed.
+  - Idempotent. Re-importing the same files changes no row and reports C(changed=false).
+author:
+  - baileys.resilience contributors
+extends_documentation_fragment:
+  - baileys.resilience.postgres
+  - baileys.resilience.store
+attributes:
+  check_mode:
+    support: full
+    description:
+      - Loads the files into a temporary table, computes what would be inserted, updated
+        and deleted, and rolls back.
+  diff_mode:
+    support: full
+    description: Lists the keys that would be inserted (+), updated (~) or deleted (-).
+options:
+  src:
+    description:
+      - Absolute path of the root directory holding one directory per company (named after O(company_dir)),
+        or, with O(company_id), the directory of that one company.
+    type: path
+    required: true
+  company_id:
+    description:
+      - Import O(src) as the directory of this company.
+    type: str
+  companies:
+    description:
+      - Only these companies (their directories must exist). Default, every company directory under O(src).
+    type: list
+    elements: str
+  company_dir:
+    description:
+      - Name pattern of the company directories under O(src); must contain C({company_id}) once.
+    type: str
+    default: "{company_id}"
+  prune:
+    description:
+      - Delete the company's keys that have no file. Only companies being imported are affected.
+    type: bool
+    default: false
+  buffer_encoding:
+    description:
+      - How Buffers are stored. C(base64) is Baileys' own form; C(array) writes the legacy
+        C({"type":"Buffer","data":[...]}) form for readers that still expect it.
+    type: str
+    choices: [base64, array]
+    default: base64
+notes:
+  - Temporary files left by an interrupted M(baileys.resilience.auth_export) and its manifest are ignored.
+  - A company directory without C(creds.json) imports its keys and leaves the creds row alone.
+seealso:
+  - module: baileys.resilience.auth_export
+"""
+
+EXAMPLES = r"""
+- name: Bring the file-based sessions back into PostgreSQL
+  baileys.resilience.auth_import:
+    login_host: db.internal
+    login_user: baileys
+    login_password: "{{ vault_baileys_db_password }}"
+    login_db: whatsapp
+    src: /srv/whatsapp/sessions
+    company_dir: "session-{company_id}"
+
+- name: Make the store match one company's files exactly (deletes keys without a file)
+  baileys.resilience.auth_import:
+    login_db: whatsapp
+    src: /srv/whatsapp/sessions/acme
+    company_id: acme
+    prune: true
+
+- name: What would the import change?
+  baileys.resilience.auth_import:
+    login_db: whatsapp
+    src: /srv/whatsapp/sessions
+  check_mode: true
+  diff: true
+"""
+
+RETURN = r"""
+src:
+  description: The source directory.
+  returned: always
+  type: str
+companies:
+  description: One entry per company.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    company_id:
+      description: The company id.
+      type: str
+    files:
+      description: Files read (creds and keys).
+      type: int
+    keys:
+      description: Key files read.
+      type: int
+    inserted:
+      description: Keys inserted.
+      type: int
+    updated:
+      description: Keys whose value changed.
+      type: int
+    unchanged:
+      description: Keys already identical.
+      type: int
+    deleted:
+      description: Keys deleted by O(prune).
+      type: int
+    creds:
+      description: What happened to the creds row, C(inserted), C(updated), C(unchanged) or C(absent) (no creds.json).
+      type: str
+totals:
+  description: Sums over all companies.
+  returned: always
+  type: dict
+  sample: {companies: 1, files: 1651, keys: 1650, inserted: 0, updated: 3, unchanged: 1647, deleted: 0,
+           creds_changed: 1}
+warnings_list:
+  description: Non-fatal findings.
+  returned: always
+  type: list
+  elements: str
+duration:
+  description: Seconds the import took.
+  returned: always
+  type: float
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.baileys.resilience.plugins.module_utils import authstate, pgconn
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=pgconn.argspec(
+            pgconn.CONNECTION_ARGSPEC,
+            pgconn.STORE_ARGSPEC,
+            src=dict(type="path", required=True),
+            company_id=dict(type="str"),
+            companies=dict(type="list", elements="str"),
+            company_dir=dict(type="str", default="{company_id}"),
+            prune=dict(type="bool", default=False),
+            buffer_encoding=dict(type="str", choices=["base64", "array"], default="base64"),
+        ),
+        mutually_exclusive=[("company_id", "companies")],
+        supports_check_mode=True,
+    )
+    p = module.params
+    conn_params, store_params = pgconn.split_params(p)
+    try:
+        result = authstate.import_auth_state(
+            conn_params, store_params, p["src"], company_id=p["company_id"], companies=p["companies"],
+            company_dir=p["company_dir"], prune=p["prune"], buffer_encoding=p["buffer_encoding"],
+            check_mode=module.check_mode, diff=module._diff,
+        )
+    except (authstate.AuthStateError, pgconn.PgError) as exc:
+        module.fail_json(msg=str(exc))
+    for warning in result["warnings"][:20]:
+        module.warn(warning)
+    result["warnings_list"] = result.pop("warnings")
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

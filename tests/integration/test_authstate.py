@@ -1,0 +1,449 @@
+"""auth_export / auth_import core against a real PostgreSQL server."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+
+import pytest
+from authgen import REFERENCE_MIX, generate, load_into
+
+from ansible_collections.baileys.resilience.plugins.module_utils import authstate, fsutil, pgconn
+from ansible_collections.baileys.resilience.plugins.module_utils import baileys_codec as codec
+
+SMALL_MIX = {k: max(2, v // 40) for k, v in REFERENCE_MIX.items()}  # ~45 keys of every type
+
+
+def export(params, dest, **kw):
+    companies = kw.pop("companies", None)
+    return authstate.export_from_database(params, {}, authstate.ExportOptions(str(dest), **kw), companies)
+
+
+def store_rows(conn):
+    with conn.cursor() as cur:
+        cur.execute("SELECT company_id, key_type, key_id, value FROM whatsapp_keys")
+        keys = {(c, t, i): v for c, t, i, v in cur.fetchall()}
+        cur.execute("SELECT company_id, creds FROM whatsapp_auth")
+        creds = dict(cur.fetchall())
+    conn.commit()
+    return creds, keys
+
+
+def tree(path):
+    """{relative path: (bytes, mtime_ns, mode)} of every file below path."""
+    out = {}
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            st = os.lstat(full)
+            with open(full, "rb") as fh:
+                out[os.path.relpath(full, path)] = (fh.read(), st.st_mtime_ns, st.st_mode & 0o7777)
+    return out
+
+
+def buffers(value):
+    """Every Buffer in value as bytes, whatever its form, in document order of the normalised value."""
+    normalised, _ = codec.normalise(value)
+    found = []
+
+    def walk(v):
+        if isinstance(v, dict):
+            if v.get("type") == "Buffer" and isinstance(v.get("data"), str):
+                found.append(base64.b64decode(v["data"]))
+            for k in sorted(v):
+                walk(v[k])
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk(normalised)
+    return found
+
+
+@pytest.mark.parametrize("form", ["base64", "array", "numeric", "mixed"])
+def test_round_trip_store_files_store_is_lossless(pg, db, dbconn, tmp_path, form):
+    data = generate(2, seed=7, form=form, mix=SMALL_MIX)
+    load_into(dbconn, data)
+    res = export(db, tmp_path / "out")
+    assert res["changed"] and res["totals"]["keys"] == 2 * sum(SMALL_MIX.values())
+    assert res["totals"]["written"] == res["totals"]["keys"] + 2
+
+    # every file is JSON with Buffers only in base64 form
+    for rel, (raw, _m, mode) in tree(tmp_path / "out").items():
+        assert mode == 0o600, rel
+        if rel.endswith(codec.MANIFEST_FILE):
+            continue
+        text = raw.decode()
+        assert '"data": [' not in text and '{"0": ' not in text, rel
+
+    # import into a second database
+    admin = pgconn.connect(pg.params(), autocommit=True)
+    admin.execute('DROP DATABASE IF EXISTS "%s_b"' % db["login_db"])
+    admin.execute('CREATE DATABASE "%s_b"' % db["login_db"])
+    other = dict(db, login_db=db["login_db"] + "_b")
+    conn2 = pgconn.connect(other)
+    pgconn.create_schema(conn2, pgconn.Store())
+    conn2.commit()
+    imp = authstate.import_auth_state(other, {}, str(tmp_path / "out"))
+    assert imp["changed"] and imp["totals"]["inserted"] == res["totals"]["keys"]
+    creds, keys = store_rows(conn2)
+    for cid, (orig_creds, orig_keys) in data.items():
+        assert creds[cid] == codec.normalise(orig_creds)[0]
+        assert buffers(creds[cid]) == buffers(orig_creds)
+        for (key_type, key_id), value in orig_keys.items():
+            got = keys[(cid, key_type, key_id)]
+            assert got == codec.normalise(value)[0], (key_type, key_id)
+            assert buffers(got) == buffers(value)
+    assert len(keys) == sum(len(k) for _c, k in data.values())
+
+    # and back to files again: byte-identical to the first export
+    res2 = export(other, tmp_path / "again")
+    a, b = tree(tmp_path / "out"), tree(tmp_path / "again")
+    strip = {k: v[0] for k, v in a.items() if not k.endswith(codec.MANIFEST_FILE)}
+    assert strip == {k: v[0] for k, v in b.items() if not k.endswith(codec.MANIFEST_FILE)}
+    assert res2["totals"]["written"] == res["totals"]["written"]
+    conn2.close()
+    admin.execute('DROP DATABASE "%s_b" WITH (FORCE)' % db["login_db"])
+    admin.close()
+
+
+def test_export_is_idempotent_and_touches_nothing(db, dbconn, tmp_path):
+    load_into(dbconn, generate(2, seed=3, mix=SMALL_MIX))
+    first = export(db, tmp_path)
+    before = tree(tmp_path)
+    second = export(db, tmp_path)
+    assert first["changed"] and not second["changed"]
+    assert second["totals"]["written"] == 0 and second["totals"]["removed"] == 0
+    assert second["totals"]["unchanged"] == first["totals"]["written"]
+    assert tree(tmp_path) == before  # same bytes, same mtimes, same modes (manifest included)
+
+
+def test_export_repairs_tampered_files_and_modes(db, dbconn, tmp_path):
+    load_into(dbconn, generate(1, seed=4, mix=SMALL_MIX))
+    export(db, tmp_path)
+    company = tmp_path / "company-001"
+    victim = company / "pre-key-1.json"
+    good = victim.read_bytes()
+    victim.write_bytes(b'{"tampered": true}')
+    os.chmod(company / "creds.json", 0o644)
+    os.unlink(company / "pre-key-2.json")
+    res = export(db, tmp_path)
+    assert res["changed"]
+    c = res["companies"][0]
+    assert c["written"] == 2 and c["metadata_fixed"] == 1
+    assert victim.read_bytes() == good
+    assert os.stat(company / "creds.json").st_mode & 0o777 == 0o600
+    assert not export(db, tmp_path)["changed"]
+
+
+def test_check_mode_writes_nothing_and_predicts_exactly(db, dbconn, tmp_path):
+    load_into(dbconn, generate(1, seed=5, mix=SMALL_MIX))
+    dest = tmp_path / "dest"
+    predicted = export(db, dest, check_mode=True)
+    assert predicted["changed"] and not dest.exists()
+    real = export(db, dest)
+    assert predicted["totals"]["written"] == real["totals"]["written"]
+    # now change the store: delete 3 keys, update 2, and check again
+    with dbconn.cursor() as cur:
+        cur.execute("DELETE FROM whatsapp_keys WHERE key_type = 'session' AND key_id IN "
+                    "(SELECT key_id FROM whatsapp_keys WHERE key_type = 'session' ORDER BY key_id LIMIT 3)")
+        cur.execute("UPDATE whatsapp_keys SET value = '{\"type\": \"Buffer\", \"data\": \"AAEC\"}' "
+                    "WHERE key_type = 'identity-key' AND key_id IN (SELECT key_id FROM whatsapp_keys "
+                    "WHERE key_type = 'identity-key' ORDER BY key_id LIMIT 2)")
+    dbconn.commit()
+    before = tree(dest)
+    predicted = export(db, dest, check_mode=True, diff=True)
+    assert tree(dest) == before
+    c = predicted["companies"][0]
+    assert (c["written"], c["removed"]) == (2, 3)
+    assert len(c["diff"]["after"].splitlines()) == 2 and len(c["diff"]["before"].splitlines()) == 5
+    real = export(db, dest)
+    assert (real["companies"][0]["written"], real["companies"][0]["removed"]) == (2, 3)
+
+
+def test_prune_export_both_ways(db, dbconn, tmp_path):
+    load_into(dbconn, generate(1, seed=6, mix=SMALL_MIX))
+    export(db, tmp_path)
+    company = tmp_path / "company-001"
+    (company / "notes.txt").write_text("operator notes")  # unknown file: never removed
+    outside = tmp_path / "pre-key-999.json"
+    outside.write_text("{}")  # outside company dirs: never removed
+    dbconn.execute("DELETE FROM whatsapp_keys WHERE key_type = 'pre-key' AND key_id IN ('1', '2')")
+    dbconn.commit()
+    kept = export(db, tmp_path, prune=False)
+    assert (company / "pre-key-1.json").exists() and kept["companies"][0]["removed"] == 0
+    pruned = export(db, tmp_path)
+    assert pruned["companies"][0]["removed"] == 2
+    assert not (company / "pre-key-1.json").exists() and not (company / "pre-key-2.json").exists()
+    assert (company / "notes.txt").exists() and outside.exists()
+    assert "notes.txt" in pruned["companies"][0]["ignored"]
+
+
+def test_prune_import_both_ways(db, dbconn, tmp_path):
+    load_into(dbconn, generate(1, seed=8, form="base64", mix=SMALL_MIX))
+    export(db, tmp_path)
+    os.unlink(tmp_path / "company-001" / ("session-%s.json" % _first_session(dbconn)))
+    n_before = _count(dbconn)
+    res = authstate.import_auth_state(db, {}, str(tmp_path), prune=False)
+    assert not res["changed"] and _count(dbconn) == n_before
+    check = authstate.import_auth_state(db, {}, str(tmp_path), prune=True, check_mode=True, diff=True)
+    assert check["changed"] and check["totals"]["deleted"] == 1 and _count(dbconn) == n_before
+    assert check["diff"]["after"].startswith("- company-001 session/")
+    res = authstate.import_auth_state(db, {}, str(tmp_path), prune=True)
+    assert res["totals"]["deleted"] == 1 and _count(dbconn) == n_before - 1
+
+
+def _first_session(conn):
+    row = conn.execute("SELECT key_id FROM whatsapp_keys WHERE key_type = 'session' ORDER BY key_id LIMIT 1").fetchone()
+    conn.commit()
+    return codec.fix_file_name(row[0])
+
+
+def _count(conn):
+    n = conn.execute("SELECT count(*) FROM whatsapp_keys").fetchone()[0]
+    conn.commit()
+    return n
+
+
+def test_import_moves_updated_at_only_on_changed_rows(db, dbconn, tmp_path):
+    load_into(dbconn, generate(1, seed=9, form="base64", mix=SMALL_MIX))
+    export(db, tmp_path)
+    dbconn.execute("UPDATE whatsapp_keys SET updated_at = '2020-01-01'")
+    dbconn.execute("UPDATE whatsapp_auth SET updated_at = '2020-01-01'")
+    dbconn.commit()
+    target = tmp_path / "company-001" / "pre-key-3.json"
+    target.write_text(json.dumps({"private": {"type": "Buffer", "data": "AAAA"},
+                                  "public": {"type": "Buffer", "data": "AQID"}}))
+    res = authstate.import_auth_state(db, {}, str(tmp_path))
+    assert res["totals"]["updated"] == 1 and res["totals"]["inserted"] == 0
+    assert res["companies"][0]["creds"] == "unchanged"
+    moved = dbconn.execute("SELECT key_type, key_id FROM whatsapp_keys WHERE updated_at > '2021-01-01'").fetchall()
+    assert moved == [("pre-key", "3")]
+    assert dbconn.execute("SELECT count(*) FROM whatsapp_auth WHERE updated_at > '2021-01-01'").fetchone()[0] == 0
+    dbconn.commit()
+    again = authstate.import_auth_state(db, {}, str(tmp_path))
+    assert not again["changed"] and again["totals"]["unchanged"] == again["totals"]["keys"]
+
+
+def test_import_array_encoding(db, dbconn, tmp_path):
+    company = tmp_path / "acme"
+    company.mkdir()
+    (company / "identity-key-5511.0.json").write_text('{"type":"Buffer","data":"AQID"}')
+    (company / "creds.json").write_text('{"noiseKey": {"private": {"0": 1, "1": 255}}}')
+    authstate.import_auth_state(db, {}, str(tmp_path), buffer_encoding="array")
+    value = dbconn.execute("SELECT value FROM whatsapp_keys").fetchone()[0]
+    creds = dbconn.execute("SELECT creds FROM whatsapp_auth").fetchone()[0]
+    assert value == {"type": "Buffer", "data": [1, 2, 3]}
+    assert creds == {"noiseKey": {"private": {"type": "Buffer", "data": [1, 255]}}}
+
+
+@pytest.mark.parametrize("bad_name,content,expected", [
+    ("pre-key-1.json", "{not json", "bad JSON"),
+    ("random-thing.json", "{}", "unknown file name"),
+    ("creds.json", "[1, 2]", "creds must be a JSON object"),
+    ("session-1.0.json", "NaN", "bad JSON"),
+    ("pre-key-2.json", b"\xff\xfe", "not UTF-8"),
+])
+def test_import_refuses_bad_files_and_leaves_store_untouched(db, dbconn, tmp_path, bad_name, content, expected):
+    load_into(dbconn, generate(1, seed=10, mix=SMALL_MIX))
+    export(db, tmp_path)
+    dbconn.execute("DELETE FROM whatsapp_keys WHERE key_type = 'tctoken'")  # so an import would change things
+    dbconn.commit()
+    before = store_rows(dbconn)
+    path = tmp_path / "company-001" / bad_name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(authstate.ValidationError) as err:
+        authstate.import_auth_state(db, {}, str(tmp_path))
+    assert str(path) in str(err.value) and expected in str(err.value)
+    assert "database was not touched" in str(err.value)
+    assert store_rows(dbconn) == before
+
+
+def test_import_is_all_or_nothing(db, dbconn, tmp_path):
+    load_into(dbconn, generate(2, seed=11, mix=SMALL_MIX))
+    export(db, tmp_path)
+    dbconn.execute("DELETE FROM whatsapp_keys")
+    dbconn.execute("""CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.company_id = 'company-002' AND NEW.key_type = 'tctoken' THEN
+        RAISE EXCEPTION 'simulated failure'; END IF; RETURN NEW; END $$""")
+    dbconn.execute("CREATE TRIGGER refuse BEFORE INSERT ON whatsapp_keys FOR EACH ROW EXECUTE FUNCTION refuse()")
+    dbconn.commit()
+    with pytest.raises(pgconn.PgError, match="nothing was changed.*simulated failure"):
+        authstate.import_auth_state(db, {}, str(tmp_path))
+    assert _count(dbconn) == 0
+
+
+def test_unreachable_server_leaves_dest_untouched(tmp_path, pg):
+    dest = tmp_path / "dest"
+    params = dict(pg.params(), login_port=1, connect_timeout=3)
+    with pytest.raises(pgconn.PgError) as err:
+        export(params, dest)
+    assert "cannot connect to PostgreSQL" in str(err.value) and "port=1" in str(err.value)
+    assert pg.params()["login_password"] not in str(err.value)
+    assert not dest.exists()
+
+
+def test_wrong_password_is_not_echoed(db, tmp_path):
+    params = dict(db, login_password="wrong<|>'\"pass")
+    with pytest.raises(pgconn.PgError) as err:
+        export(params, tmp_path / "d")
+    assert "wrong<|>" not in str(err.value) and "password authentication failed" in str(err.value)
+
+
+def test_missing_tables_clear_message(db, dbconn, tmp_path):
+    with pytest.raises(pgconn.PgError, match=r"not found: public\.nope"):
+        authstate.export_from_database(db, {"keys_table": "nope"}, authstate.ExportOptions(str(tmp_path)))
+    (tmp_path / "acme").mkdir()
+    (tmp_path / "acme" / "creds.json").write_text("{}")
+    with pytest.raises(pgconn.PgError, match=r"not found: other\.whatsapp_auth"):
+        authstate.import_auth_state(db, {"schema": "other"}, str(tmp_path))
+
+
+@pytest.mark.parametrize("bad_id", ["../evil", "a/b", "..", ".hidden", "x\x00y"])
+def test_company_id_escaping_dest_is_refused(db, dbconn, tmp_path, bad_id):
+    dbconn.execute("INSERT INTO whatsapp_auth (company_id, creds) VALUES (%s, '{}')", (bad_id.replace("\x00", ""),)
+                   if "\x00" not in bad_id else ("ok",))
+    dbconn.commit()
+    dest = tmp_path / "inner" / "dest"
+    dest.parent.mkdir()
+    if "\x00" in bad_id:
+        with pytest.raises(authstate.AuthStateError, match="refusing company id"):
+            export(db, dest, companies=[bad_id])
+        return
+    with pytest.raises(authstate.AuthStateError, match="refusing company id"):
+        export(db, dest)
+    assert sorted(os.listdir(tmp_path)) == ["inner"]
+    assert os.listdir(tmp_path / "inner") in ([], ["dest"])
+    if (tmp_path / "inner" / "dest").exists():
+        assert os.listdir(dest) == []
+
+
+def test_company_dir_template(db, dbconn, tmp_path):
+    load_into(dbconn, generate(2, seed=12, form="base64", mix=SMALL_MIX))
+    export(db, tmp_path, company_dir="session-{company_id}")
+    assert sorted(os.listdir(tmp_path)) == ["session-company-001", "session-company-002"]
+    res = authstate.import_auth_state(db, {}, str(tmp_path), company_dir="session-{company_id}",
+                                      companies=["company-002"])
+    assert [c["company_id"] for c in res["companies"]] == ["company-002"] and not res["changed"]
+    with pytest.raises(authstate.AuthStateError, match="exactly once"):
+        authstate.ExportOptions(str(tmp_path), company_dir="../{company_id}")
+
+
+def test_interrupted_export_leaves_no_half_file_and_next_run_completes(db, dbconn, tmp_path, monkeypatch):
+    load_into(dbconn, generate(1, seed=13, mix=SMALL_MIX))
+    calls = {"n": 0}
+    real_rename = os.rename
+
+    def flaky_rename(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise KeyboardInterrupt("simulated kill")
+        return real_rename(*args, **kwargs)
+
+    monkeypatch.setattr(fsutil.os, "rename", flaky_rename)
+    with pytest.raises(KeyboardInterrupt):
+        export(db, tmp_path)
+    monkeypatch.setattr(fsutil.os, "rename", real_rename)
+    company = tmp_path / "company-001"
+    names = os.listdir(company)
+    assert codec.MANIFEST_FILE not in names  # the manifest is written last
+    assert not [n for n in names if n.startswith(fsutil.TEMP_PREFIX)]
+    for name in names:  # every file present is whole
+        json.loads((company / name).read_text())
+    res = export(db, tmp_path)
+    assert res["changed"] and res["totals"]["written"] == res["totals"]["keys"] + 1 - 39
+    assert not export(db, tmp_path)["changed"]
+
+
+def test_leftover_temp_files_are_cleaned(db, dbconn, tmp_path):
+    load_into(dbconn, generate(1, seed=14, mix=SMALL_MIX))
+    export(db, tmp_path)
+    stale = tmp_path / "company-001" / (fsutil.TEMP_PREFIX + "999-1")
+    stale.write_text('{"half')
+    res = authstate.import_auth_state(db, {}, str(tmp_path))
+    assert any("leftover temporary file" in w for w in res["warnings"])
+    export(db, tmp_path)
+    assert not stale.exists()
+
+
+def test_unwritable_dest_fails_clearly(db, dbconn):
+    """As an unprivileged user (root writes anywhere): a clear error, nothing written."""
+    import pathlib
+    import pwd
+    import tempfile
+
+    load_into(dbconn, generate(1, seed=15, mix=SMALL_MIX))
+    base = pathlib.Path(tempfile.mkdtemp(prefix="br-ro-"))
+    os.chmod(base, 0o755)
+    dest = base / "ro"
+    dest.mkdir(mode=0o755)
+    nobody = pwd.getpwnam("nobody")
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop privileges, run the export in-process, report
+        os.close(read_fd)
+        code = 0
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            authstate.export_from_database(db, {}, authstate.ExportOptions(str(dest)))
+            os.write(write_fd, b"no error")
+        except authstate.AuthStateError as exc:
+            os.write(write_fd, str(exc).encode())
+            code = 3
+        except BaseException as exc:  # noqa: BLE001
+            os.write(write_fd, repr(exc).encode())
+            code = 4
+        os._exit(code)
+    os.close(write_fd)
+    message = os.read(read_fd, 65536).decode()
+    os.close(read_fd)
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 3, message
+    assert "not writable" in message and str(dest) in message
+    assert os.listdir(dest) == []
+    shutil.rmtree(base)
+
+
+def test_passfile_and_libpq_environment(pg, db, dbconn, tmp_path, monkeypatch):
+    load_into(dbconn, generate(1, seed=16, mix={"pre-key": 3}))
+    passfile = tmp_path / "pgpass"
+    pw = db["login_password"].replace("\\", "\\\\").replace(":", "\\:")
+    passfile.write_text("127.0.0.1:%d:*:postgres:%s\n" % (pg.port, pw))
+    os.chmod(passfile, 0o600)
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    monkeypatch.setenv("PGHOST", "127.0.0.1")
+    monkeypatch.setenv("PGPORT", str(pg.port))
+    monkeypatch.setenv("PGUSER", "postgres")
+    monkeypatch.setenv("PGDATABASE", db["login_db"])
+    res = export({}, tmp_path / "out")
+    assert res["totals"]["keys"] == 3
+
+
+def test_unix_socket_connection(pg, db, dbconn, tmp_path):
+    load_into(dbconn, generate(1, seed=17, mix={"session": 2}))
+    params = pg.socket_params(db["login_db"])
+    assert export(params, tmp_path / "out")["totals"]["keys"] == 2
+
+
+def test_colliding_file_names_are_refused(db, dbconn, tmp_path):
+    dbconn.execute("INSERT INTO whatsapp_auth (company_id, creds) VALUES ('acme', '{}')")
+    dbconn.execute("INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) VALUES "
+                   "('acme', 'session', 'a:b', '1'), ('acme', 'session', 'a-b', '2')")
+    dbconn.commit()
+    with pytest.raises(authstate.AuthStateError, match="same Baileys file session-a-b.json"):
+        export(db, tmp_path)
+
+
+def test_non_round_tripping_ids_warn(db, dbconn, tmp_path):
+    dbconn.execute("INSERT INTO whatsapp_auth (company_id, creds) VALUES ('acme', '{}')")
+    dbconn.execute("INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) VALUES "
+                   "('acme', 'session', '5511:3.0', '1')")
+    dbconn.commit()
+    res = export(db, tmp_path)
+    assert (tmp_path / "acme" / "session-5511-3.0.json").exists()
+    assert any("reads back as a different id" in w for w in res["warnings"])
