@@ -601,7 +601,11 @@ def read_directory(company_id, directory, encoding="base64", problems=None):
             continue
         needs = encoding != "base64" or codec._NEEDS_NORMALISE.search(text)
         if needs:
-            normalised, converted = codec.normalise(value, encoding)
+            try:
+                normalised, converted = codec.normalise(value, encoding)
+            except codec.CodecError as exc:
+                problems.append("%s: %s" % (path, exc))
+                continue
             if converted:
                 text = codec.render(normalised)
         if key is None:

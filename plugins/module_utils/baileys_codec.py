@@ -19,6 +19,7 @@ legacy forms are normalised to the base64 form on export.
 from __future__ import absolute_import, division, print_function
 
 import base64
+import decimal
 import json
 import re
 
@@ -143,8 +144,12 @@ def normalise(value, encoding="base64"):
                 converted[0] += 1
                 return buffer_json(raw, encoding)
             if encoding == "array" and v.get("type") == "Buffer" and isinstance(v.get("data"), str) and len(v) == 2:
+                try:
+                    raw = base64.b64decode(v["data"], validate=True)
+                except (ValueError, TypeError):
+                    raise CodecError("Buffer data %r is not valid base64" % (v["data"][:40],))
                 converted[0] += 1
-                return buffer_json(base64.b64decode(v["data"], validate=True), encoding)
+                return buffer_json(raw, encoding)
             return {k: walk(x) for k, x in v.items()}
         if type(v) is list:
             return [walk(x) for x in v]
@@ -160,12 +165,32 @@ def _jsonb_key_order(key):
     return (len(raw), raw)
 
 
-def _sorted_jsonb(value):
-    if type(value) is dict:
-        return {k: _sorted_jsonb(value[k]) for k in sorted(value, key=_jsonb_key_order)}
-    if type(value) is list:
-        return [_sorted_jsonb(x) for x in value]
-    return value
+def _render_into(value, out):
+    kind = type(value)
+    if kind is dict:
+        out.append("{")
+        for n, key in enumerate(sorted(value, key=_jsonb_key_order)):
+            if n:
+                out.append(", ")
+            out.append(json.dumps(key, ensure_ascii=False))
+            out.append(": ")
+            _render_into(value[key], out)
+        out.append("}")
+    elif kind is list:
+        out.append("[")
+        for n, item in enumerate(value):
+            if n:
+                out.append(", ")
+            _render_into(item, out)
+        out.append("]")
+    elif kind is decimal.Decimal:
+        if not value.is_finite():
+            raise ValueError("%s is not valid JSON" % value)
+        out.append(format(value.copy_abs() if value.is_zero() else value, "f"))  # as numeric_out does
+    elif kind is float:
+        _render_into(decimal.Decimal(repr(value)), out)
+    else:
+        out.append(json.dumps(value, ensure_ascii=False, allow_nan=False))
 
 
 def render(value):
@@ -173,8 +198,11 @@ def render(value):
 
     Files therefore hold exactly what ``value::text`` returns for the same
     jsonb, so a store -> files -> store -> files round trip is byte-stable.
+    Numbers parsed as :class:`decimal.Decimal` keep every digit.
     """
-    return json.dumps(_sorted_jsonb(value), ensure_ascii=False, separators=(", ", ": "), allow_nan=False)
+    out = []
+    _render_into(value, out)
+    return "".join(out)
 
 
 def file_text(source_text, encoding="base64"):
@@ -185,7 +213,7 @@ def file_text(source_text, encoding="base64"):
     """
     if encoding == "base64" and not _NEEDS_NORMALISE.search(source_text):
         return source_text, 0
-    value, converted = normalise(json.loads(source_text), encoding)
+    value, converted = normalise(json.loads(source_text, parse_float=decimal.Decimal), encoding)
     if not converted:
         return source_text, 0
     return render(value), converted
@@ -197,4 +225,4 @@ def loads_strict(text):
     def bad_constant(name):
         raise ValueError("invalid JSON constant %s" % name)
 
-    return json.loads(text, parse_constant=bad_constant)
+    return json.loads(text, parse_constant=bad_constant, parse_float=decimal.Decimal)

@@ -447,3 +447,15 @@ def test_non_round_tripping_ids_warn(db, dbconn, tmp_path):
     res = export(db, tmp_path)
     assert (tmp_path / "acme" / "session-5511-3.0.json").exists()
     assert any("reads back as a different id" in w for w in res["warnings"])
+
+
+def test_array_encoding_refuses_invalid_base64_naming_the_file(db, dbconn, tmp_path):
+    company = tmp_path / "acme"
+    company.mkdir()
+    (company / "creds.json").write_text("{}")
+    bad = company / "identity-key-1.0.json"
+    bad.write_text('{"type": "Buffer", "data": "not base64!"}')
+    with pytest.raises(authstate.ValidationError) as err:
+        authstate.import_auth_state(db, {}, str(tmp_path), buffer_encoding="array")
+    assert str(bad) in str(err.value) and "not valid base64" in str(err.value)
+    assert dbconn.execute("SELECT count(*) FROM whatsapp_auth").fetchone()[0] == 0
