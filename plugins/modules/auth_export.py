@@ -79,6 +79,25 @@ options:
       - Mode of O(dest) when created and of the company directories, as an octal string.
     type: raw
     default: "0700"
+  source:
+    description:
+      - C(database) reads PostgreSQL.
+      - C(backup) reads the auth state straight from O(backup_file), a backup made by
+        M(baileys.resilience.pg_backup), with no database server at all (PostgreSQL is down).
+        Its sha256 is checked against its manifest first; the files are identical to an export from the
+        database at the snapshot the backup was taken in.
+    type: str
+    choices: [database, backup]
+    default: database
+  backup_file:
+    description:
+      - The C(.dump) file to read with O(source=backup).
+    type: path
+  pg_bin_dir:
+    description:
+      - Directory of C(pg_restore) for O(source=backup) (the pg_client role's C(pg_client_bin_dir)).
+        Default, the newest C(/usr/lib/postgresql/*/bin).
+    type: path
 notes:
   - Key ids that Baileys' file naming cannot carry back (for example a C(:) in a session id) are
     exported under Baileys' own name, which Baileys reads, and reported in RV(warnings_list),
@@ -108,6 +127,13 @@ EXAMPLES = r"""
     companies: [acme, globex]
     prune: false
 
+- name: PostgreSQL is down - export from the newest backup instead
+  baileys.resilience.auth_export:
+    source: backup
+    backup_file: /var/backups/baileys-resilience/baileys-auth-20261124T030000Z.dump
+    pg_bin_dir: /usr/lib/postgresql/18/bin
+    dest: /srv/whatsapp/sessions
+
 - name: What would change? (check mode with diff)
   baileys.resilience.auth_export:
     login_db: whatsapp
@@ -127,10 +153,14 @@ snapshot_time:
   type: str
   sample: "2026-11-24T03:00:00.123456+00:00"
 source:
-  description: Where the state was read from.
+  description: Where the state was read from, C(database) or C(backup:<file name>).
   returned: always
   type: str
   sample: database
+backup_file:
+  description: The backup read, with O(source=backup).
+  returned: when source is backup
+  type: str
 server_version_num:
   description: The server's C(server_version_num).
   returned: always
@@ -193,7 +223,7 @@ duration:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.baileys.resilience.plugins.module_utils import authstate, pgconn
+from ansible_collections.baileys.resilience.plugins.module_utils import authstate, backup, pgconn
 
 
 def main():
@@ -209,7 +239,11 @@ def main():
             group=dict(type="str"),
             mode=dict(type="raw", default="0600"),
             directory_mode=dict(type="raw", default="0700"),
+            source=dict(type="str", choices=["database", "backup"], default="database"),
+            backup_file=dict(type="path"),
+            pg_bin_dir=dict(type="path"),
         ),
+        required_if=[("source", "backup", ["backup_file"])],
         supports_check_mode=True,
     )
     p = module.params
@@ -219,8 +253,16 @@ def main():
             dest=p["dest"], company_dir=p["company_dir"], prune=p["prune"], owner=p["owner"], group=p["group"],
             mode=p["mode"], directory_mode=p["directory_mode"], check_mode=module.check_mode, diff=module._diff,
         )
-        result = authstate.export_from_database(conn_params, store_params, opts, p["companies"])
-    except (authstate.AuthStateError, pgconn.PgError) as exc:
+        if p["source"] == "backup":
+            snapshot, states = backup.read_backup_states(p["backup_file"], store_params, p["companies"],
+                                                         p["pg_bin_dir"])
+            opts.source_label = snapshot.get("source", "backup")
+            result = authstate.export_states(states, opts, snapshot)
+            result["server_version_num"] = snapshot.get("server_version_num")
+            result["backup_file"] = p["backup_file"]
+        else:
+            result = authstate.export_from_database(conn_params, store_params, opts, p["companies"])
+    except (authstate.AuthStateError, pgconn.PgError, backup.BackupError) as exc:
         module.fail_json(msg=str(exc))
     diffs = [c.pop("diff") for c in result["companies"] if "diff" in c]
     for warning in result["warnings"][:20]:
