@@ -680,7 +680,7 @@ def _inspect_restored(conn, store_params):
 
 
 def verify_backup(backup_path, conn_params, store_params=None, pg_bin_dir=None, keep_database=False,
-                  check_only=False):
+                  check_only=False, database=None):
     """Restore test: restore ``backup_path`` into a throwaway database and check it.
 
     The database (``baileys_verify_<UTC stamp>_<random>``) is created on the
@@ -688,6 +688,8 @@ def verify_backup(backup_path, conn_params, store_params=None, pg_bin_dir=None, 
     unless ``keep_database``.  Row counts must equal the manifest's, every
     company's creds must be a JSON object and every key type a known one.
     With ``check_only`` nothing is restored: only checksum and ``pg_restore --list``.
+    With ``database``, the backup is restored into that new database, which is kept
+    (disaster recovery: see :func:`restore_backup`).
     The tables checked are the ones the manifest names (``store_params`` only when it names none).
     Returns a dict (``ok``, ``counts``, ``restore_seconds``...); raises
     :class:`BackupError` on any failure.
@@ -701,7 +703,8 @@ def verify_backup(backup_path, conn_params, store_params=None, pg_bin_dir=None, 
     bin_dir, restore_text = _restore_bin_dir(pg_bin_dir, manifest)
     store_params = _tables_for(manifest, store_params)
     expected = manifest.get("counts") or {}
-    name = "%s%s_%s" % (VERIFY_DB_PREFIX, _utc().strftime("%Y%m%d%H%M%S"), secrets.token_hex(3))
+    name = database or "%s%s_%s" % (VERIFY_DB_PREFIX, _utc().strftime("%Y%m%d%H%M%S"), secrets.token_hex(3))
+    keep_database = keep_database or bool(database)
     admin = pgconn.connect(conn_params, autocommit=True)
     result = {"backup": backup_path, "manifest": manifest, "database": name, "pg_bin_dir": bin_dir,
               "client_version": restore_text, "expected": expected, "restored": False, "kept": bool(keep_database)}
@@ -714,8 +717,9 @@ def verify_backup(backup_path, conn_params, store_params=None, pg_bin_dir=None, 
                 pgconn.sql.Identifier(name)))
             created = True
         except pgconn.psycopg.Error as exc:
-            raise BackupError("cannot create the throwaway database %s (%s): %s" % (
-                name, pgconn.describe(conn_params), pgconn._scrub(exc, conn_params)))
+            raise BackupError("cannot create the %s database %s (%s): %s" % (
+                "target" if database else "throwaway", name, pgconn.describe(conn_params),
+                pgconn._scrub(exc, conn_params)))
         restore_started = time.monotonic()
         with pgtools.ClientConnection(conn_params, dbname=name) as client:
             argv = pgtools.pg_restore_argv(bin_dir, backup_path, client)
@@ -758,6 +762,52 @@ def verify_backup(backup_path, conn_params, store_params=None, pg_bin_dir=None, 
                 result["dropped"] = False
                 result["drop_error"] = pgconn._scrub(exc, conn_params)
         admin.close()
+    result["duration"] = round(time.monotonic() - started, 3)
+    return result
+
+
+def restore_backup(backup_path, conn_params, database, store_params=None, pg_bin_dir=None, check_mode=False):
+    """Disaster recovery: restore ``backup_path`` into the new database ``database`` and verify it.
+
+    Idempotent: when ``database`` already exists and holds exactly the manifest's
+    row counts, nothing is done (``changed`` false); when it exists with other
+    contents, this refuses (it never overwrites a database).  Check mode verifies
+    the backup (checksum, ``pg_restore --list``) and says whether it would restore.
+    """
+    started = time.monotonic()
+    info = check_backup_file(backup_path, pg_bin_dir)
+    manifest = info["manifest"]
+    expected = manifest.get("counts") or {}
+    admin = pgconn.connect(conn_params, autocommit=True)
+    try:
+        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone() is not None
+    finally:
+        admin.close()
+    result = {"backup": info.get("backup", backup_path), "manifest": manifest, "database": database,
+              "expected": expected, "changed": False}
+    if exists:
+        target = dict(conn_params, login_db=database,
+                      connect_params={k: v for k, v in (conn_params.get("connect_params") or {}).items()
+                                      if k != "dbname"})
+        conn = pgconn.connect(target)
+        try:
+            counts, companies, by_type, problems = _inspect_restored(conn, _tables_for(manifest, store_params))
+        except pgconn.psycopg.Error as exc:
+            raise BackupError("database %s already exists and does not hold the auth state (%s); refusing to "
+                              "restore over it" % (database, pgconn._scrub(exc, conn_params)))
+        finally:
+            conn.close()
+        if counts.get("auth") != expected.get("auth") or counts.get("keys") != expected.get("keys") or problems:
+            raise BackupError("database %s already exists with other contents (%s rows: %s); refusing to restore "
+                              "over it: choose a new database name" % (database, counts, "; ".join(problems) or
+                                                                       "counts differ from the manifest"))
+        result.update(ok=True, counts=counts, companies=companies, by_type=by_type, restored=False,
+                      msg="%s already holds this backup's counts" % database)
+    elif check_mode:
+        result.update(ok=True, changed=True, restored=False, msg="would restore into new database %s" % database)
+    else:
+        result.update(verify_backup(backup_path, conn_params, store_params, pg_bin_dir, database=database))
+        result["changed"] = True
     result["duration"] = round(time.monotonic() - started, 3)
     return result
 
