@@ -35,9 +35,12 @@ $(COLL_LINK):
 	mkdir -p $(dir $(COLL_LINK))
 	ln -sfn $(CURDIR) $(COLL_LINK)
 
-npm-deps: tests/compat/node_modules/.installed
+npm-deps: tests/compat/node_modules/.installed tests/standin/node_modules/.installed
 tests/compat/node_modules/.installed: tests/compat/package.json tests/compat/package-lock.json
 	cd tests/compat && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+tests/standin/node_modules/.installed: tests/standin/package.json tests/standin/package-lock.json
+	cd tests/standin && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 	touch $@
 
 lint: venv collection
