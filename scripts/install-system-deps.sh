@@ -9,6 +9,7 @@ command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 command -v zstd >/dev/null || need+=(zstd)
 command -v runuser >/dev/null || need+=(util-linux)
+command -v crontab >/dev/null || need+=(cron)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "missing system packages: ${need[*]} (run as root or install them)" >&2
