@@ -67,6 +67,7 @@ demo: deps
 
 bench: deps
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/bench_s3.py
 
 build: collection
 	mkdir -p .build/dist

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""S3 replication benchmark against a baseline measured in the same run.
+
+Starts a moto standalone server (its own process, on 127.0.0.1), writes
+``--objects`` fake backups (random bytes + manifests per docs/backup-format.md)
+totalling ``--size-mib``, then times:
+
+  plain upload_file   boto3 ``upload_file`` of every dump and manifest, one after
+                      the other, boto3's default TransferConfig (no hashing, no
+                      HEAD, no verification) - the baseline
+  replicate (cold)    s3.replicate into an empty bucket: local sha256 check,
+                      upload (single part with a SHA256 checksum, or multipart),
+                      HEAD verification of every object, manifests after dumps
+  replicate (no-op)   s3.replicate again: nothing to upload
+
+Each cold measurement runs --repeat times into fresh buckets, alternating which
+goes first; the best time is used and every time printed.  Targets: cold
+replication throughput >= 0.9x the baseline's; no-op re-run < 2 s (for 60
+objects).  moto keeps objects in memory (buckets are emptied between runs).
+Exits 0 whatever the verdicts.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+COLLECTIONS = os.path.join(ROOT, ".build", "collections")
+LINK = os.path.join(COLLECTIONS, "ansible_collections", "baileys", "resilience")
+if not os.path.exists(LINK):
+    os.makedirs(os.path.dirname(LINK), exist_ok=True)
+    os.symlink(ROOT, LINK)
+for path in (COLLECTIONS, os.path.join(ROOT, "tests")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import s3fixtures  # noqa: E402
+
+from ansible_collections.baileys.resilience.plugins.module_utils import s3  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+def log(msg):
+    print("  .. %s" % msg, file=sys.stderr, flush=True)
+
+
+def empty_bucket(client, bucket):
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys.extend({"Key": o["Key"]} for o in page.get("Contents", []))
+    for i in range(0, len(keys), 1000):
+        client.delete_objects(Bucket=bucket, Delete={"Objects": keys[i:i + 1000]})
+    client.delete_bucket(Bucket=bucket)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=1024, help="total size of the dumps (MiB)")
+    ap.add_argument("--objects", type=int, default=60, help="number of backups (dump + manifest each)")
+    ap.add_argument("--repeat", type=int, default=2, help="cold runs per measurement; the best is used")
+    ap.add_argument("--multipart-threshold", default="64MiB", help="s3_replicate's multipart_threshold")
+    ap.add_argument("--multipart-chunksize", default="16MiB", help="s3_replicate's multipart_chunksize")
+    ap.add_argument("--max-concurrency", type=int, default=8, help="s3_replicate's max_concurrency")
+    ap.add_argument("--data-dir", help="where to write the backups (default: a new temporary directory, removed "
+                    "afterwards unless --keep)")
+    ap.add_argument("--keep", action="store_true", help="keep the data directory afterwards")
+    ap.add_argument("--json", help="also write the results as JSON to this file")
+    args = ap.parse_args(argv)
+
+    started = time.perf_counter()
+    for var, value in (("AWS_ACCESS_KEY_ID", s3fixtures.TEST_ACCESS_KEY),
+                       ("AWS_SECRET_ACCESS_KEY", s3fixtures.TEST_SECRET_KEY), ("AWS_EC2_METADATA_DISABLED", "true")):
+        os.environ[var] = value
+    data = args.data_dir or tempfile.mkdtemp(prefix="baileys-bench-s3-")
+    if os.path.exists(os.path.join(data, "backups")):
+        shutil.rmtree(os.path.join(data, "backups"))
+    backup_dir = os.path.join(data, "backups")
+    os.makedirs(backup_dir, mode=0o700)
+    size = args.size_mib * MiB // args.objects
+    log("writing %d backups of %.1f MiB (%d MiB in all)" % (args.objects, size / MiB, size * args.objects // MiB))
+    t0 = time.perf_counter()
+    backups = [s3fixtures.make_backup(backup_dir, i, size=size) for i in range(args.objects)]
+    log("written in %.1fs" % (time.perf_counter() - t0))
+    total = sum(b["size"] + os.path.getsize(b["manifest_path"]) for b in backups)
+
+    server = s3fixtures.MotoServer(log_path=os.path.join(data, "moto.log")).start()
+    log("moto_server on port %d" % server.port)
+    client = s3fixtures.s3_client(server.url, "eu-west-1")
+    settings = s3.Settings(multipart_threshold=args.multipart_threshold,
+                           multipart_chunksize=args.multipart_chunksize, max_concurrency=args.max_concurrency)
+    target = dict(name="bench", region="eu-west-1", endpoint_url=server.url, prefix="bench/")
+    results = {"plain upload_file": [], "replicate (cold)": [], "replicate (no-op)": []}
+    try:
+        def plain(bucket):
+            for b in backups:
+                for path in (b["path"], b["manifest_path"]):
+                    client.upload_file(path, bucket, "bench/" + os.path.basename(path))
+
+        def ours(bucket):
+            res = s3.replicate(backup_dir, [dict(target, bucket=bucket)], settings)
+            if not res["ok"] or res["uploaded"] != 2 * args.objects:
+                raise SystemExit("replication failed: %s" % s3.failure_message(res))
+            return res
+
+        for i in range(args.repeat):
+            order = [("plain upload_file", plain), ("replicate (cold)", ours)]
+            if i % 2:
+                order.reverse()
+            for label, fn in order:
+                bucket = s3fixtures.create_bucket(server.url, "eu-west-1", "bench-%d-%s" % (
+                    i, "plain" if fn is plain else "ours"))
+                t0 = time.perf_counter()
+                fn(bucket)
+                wall = time.perf_counter() - t0
+                results[label].append(wall)
+                log("%-18s run %d: %.2fs (%.0f MiB/s)" % (label, i + 1, wall, total / MiB / wall))
+                if fn is ours and i == args.repeat - 1:
+                    for j in range(3):
+                        t0 = time.perf_counter()
+                        res = s3.replicate(backup_dir, [dict(target, bucket=bucket)], settings)
+                        wall = time.perf_counter() - t0
+                        assert res["ok"] and not res["changed"], res
+                        results["replicate (no-op)"].append(wall)
+                        log("%-18s run %d: %.3fs" % ("replicate (no-op)", j + 1, wall))
+                empty_bucket(client, bucket)
+    finally:
+        server.stop()
+        if not args.keep:
+            shutil.rmtree(data, ignore_errors=True)
+
+    best = {k: min(v) for k, v in results.items()}
+    print()
+    print("baileys.resilience S3 benchmark  %s" % datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
+    print("data: %d backups x %.1f MiB = %.0f MiB (+ manifests); moto_server %s on 127.0.0.1; %s, %d CPUs, "
+          "Python %s; best of %d" % (args.objects, size / MiB, total / MiB, s3fixtures_version(), platform.machine(),
+                                     os.cpu_count(), platform.python_version(), args.repeat))
+    print("s3_replicate: multipart_threshold %s, multipart_chunksize %s, max_concurrency %d; baseline: boto3 "
+          "defaults (8 MiB threshold/chunks, 10 threads)" % (args.multipart_threshold, args.multipart_chunksize,
+                                                             args.max_concurrency))
+    print()
+    print("%-20s %9s %9s   %s" % ("measurement", "best s", "MiB/s", "all runs (s)"))
+    for label, runs in results.items():
+        print("%-20s %9.3f %9.0f   %s" % (label, best[label], total / MiB / best[label] if "no-op" not in label
+                                         else 0, " ".join("%.3f" % r for r in runs)))
+    ratio = best["plain upload_file"] / best["replicate (cold)"]
+    noop_limit = 2.0 * args.objects / 60
+    print()
+    print("%-40s %9s  %-9s %s" % ("target", "measured", "wanted", "verdict"))
+    print("%-40s %8.2fx  %-9s %s" % ("replicate throughput vs plain upload_file", ratio, ">= 0.90x",
+                                     "PASS" if ratio >= 0.9 else "FAIL"))
+    print("%-40s %8.2fs  %-9s %s" % ("no-op re-run (%d objects)" % args.objects, best["replicate (no-op)"],
+                                     "< %.2fs" % noop_limit, "PASS" if best["replicate (no-op)"] < noop_limit
+                                     else "FAIL"))
+    print()
+    print("total benchmark time %.0fs" % (time.perf_counter() - started))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"results": results, "best": best, "ratio": ratio, "bytes": total, "args": vars(args)}, fh,
+                      indent=1)
+    return 0
+
+
+def s3fixtures_version():
+    try:
+        from importlib.metadata import version
+
+        return version("moto")
+    except Exception:  # noqa: BLE001 - informational only
+        return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

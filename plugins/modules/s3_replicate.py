@@ -1,0 +1,370 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: baileys.resilience contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: s3_replicate
+short_description: Copy every valid local backup to one or more S3-compatible buckets, and verify it there
+version_added: 0.2.0
+description:
+  - Uploads every valid backup of O(backup_dir) (a C(<prefix>-<stamp>.dump) and its C(.dump.manifest.json),
+    see docs/backup-format.md) that a target lacks, newest first, keeping the base names under the target's prefix.
+    Every object carries its sha256 (hex) in the object metadata C(sha256) (C(x-amz-meta-sha256)).
+  - Idempotent. One listing per target, then a HEAD of every object the listing shows with the expected size;
+    an object whose size and C(sha256) metadata match is skipped. Nothing uploaded gives C(changed=false).
+  - A local backup is valid when its manifest parses, records a successful validation, and its size matches;
+    before any upload the dump is hashed and compared with the manifest's sha256. Invalid or C(.partial)
+    files are never uploaded (they are listed in RV(invalid_local) and warned about).
+  - Files smaller than O(multipart_threshold) go in one C(PutObject) carrying a C(SHA256) checksum
+    (C(ChecksumAlgorithm=SHA256) with the precomputed C(ChecksumSHA256)); larger ones as a multipart upload
+    (O(multipart_chunksize) parts, O(max_concurrency) threads). After each upload a HEAD must show the
+    expected size and C(sha256) metadata; with O(verify_download) the object is also read back and hashed.
+  - The manifest is uploaded only after its dump is verified on that target, so a manifest on a target
+    always means a verified dump beside it.
+  - Throttling, 5xx answers and broken connections are retried (see O(retries)). One target failing does
+    not stop the others, but the task then fails with a message naming every target and object that is
+    not replicated and verified, and still returns the per-target results. It never reports success while
+    an object is missing or unverified.
+author:
+  - baileys.resilience contributors
+attributes:
+  check_mode:
+    support: full
+    description: Lists and HEADs the targets and hashes the local backups that would be uploaded;
+      uploads nothing and reports RV(targets[].would_upload).
+  diff_mode:
+    support: none
+options:
+  backup_dir:
+    description:
+      - Directory holding the backups.
+    type: path
+    required: true
+  name_prefix:
+    description:
+      - Only backups named C(<name_prefix>-<YYYYmmdd>T<HHMMSS>Z.dump) are replicated.
+    type: str
+    default: baileys-auth
+  targets:
+    description:
+      - The S3 or S3-compatible destinations, in order of preference.
+    type: list
+    elements: dict
+    required: true
+    suboptions:
+      name:
+        description:
+          - Name of the target in results and messages. Default, the bucket name. Must be unique.
+        type: str
+      bucket:
+        description:
+          - Bucket name.
+        type: str
+        required: true
+      region:
+        description:
+          - Region of the bucket (for example C(eu-west-1)).
+        type: str
+      endpoint_url:
+        description:
+          - URL of an S3-compatible service (MinIO, Ceph RGW, Backblaze B2, Wasabi, Cloudflare R2,
+            Scaleway, OVH...). Default, AWS S3 for O(targets[].region).
+        type: str
+      prefix:
+        description:
+          - Key prefix under which the backups are kept (a C(/) is appended when missing).
+        type: str
+        default: ""
+      access_key:
+        description:
+          - Access key id. With O(targets[].secret_key); otherwise boto3's default chain is used
+            (C(AWS_*) environment, O(targets[].profile), O(targets[].credentials_file), container or instance role).
+        type: str
+        aliases: [aws_access_key_id]
+      secret_key:
+        description:
+          - Secret access key.
+        type: str
+        aliases: [aws_secret_access_key]
+      session_token:
+        description:
+          - Session token of temporary credentials.
+        type: str
+        aliases: [aws_session_token]
+      profile:
+        description:
+          - Named profile of the shared AWS config and credentials files.
+        type: str
+      credentials_file:
+        description:
+          - Path of a shared credentials file (INI, as C(~/.aws/credentials)) to use instead of the default one.
+            It should be mode 0600; a warning is given when group or others can read it.
+        type: path
+      storage_class:
+        description:
+          - Storage class of the uploaded objects. Default, the provider's default.
+        type: str
+        choices: [STANDARD, REDUCED_REDUNDANCY, STANDARD_IA, ONEZONE_IA, INTELLIGENT_TIERING, GLACIER, DEEP_ARCHIVE,
+                  GLACIER_IR, EXPRESS_ONEZONE]
+      sse:
+        description:
+          - Server-side encryption of the uploaded objects.
+        type: str
+        choices: [AES256, "aws:kms"]
+      kms_key_id:
+        description:
+          - KMS key id or ARN for O(targets[].sse=aws:kms). Default, the account's S3 KMS key.
+        type: str
+      addressing_style:
+        description:
+          - S3 addressing style; some S3-compatible services need C(path).
+        type: str
+        default: auto
+        choices: [auto, path, virtual]
+  multipart_threshold:
+    description:
+      - Files of this size or more are sent as multipart uploads. Bytes, or a size such as C(64MiB) or C(1G)
+        (K, M, G are powers of 1024). At least 5 MiB.
+    type: raw
+    default: 64MiB
+  multipart_chunksize:
+    description:
+      - Part size of multipart uploads; same units as O(multipart_threshold). At least 5 MiB.
+    type: raw
+    default: 16MiB
+  verify_download:
+    description:
+      - After each upload, also read the object back and compare its sha256.
+    type: bool
+    default: false
+  backup_concurrency:
+    description:
+      - Backups replicated at the same time on one target (newest first). Each one still uploads its dump,
+        verifies it, then uploads its manifest.
+    type: int
+    default: 4
+  verify_existing:
+    description:
+      - Also read back every object already present (not only HEAD it) and upload it again when its bytes do
+        not hash to its sha256. Costs one full download per object and run.
+    type: bool
+    default: false
+  retries:
+    description:
+      - Attempts per object operation (HEAD, PUT, multipart upload, GET) in the module's own retry loop.
+        Throttling (C(SlowDown), HTTP 429/503), other 5xx answers, timeouts and broken or refused
+        connections are retried with full-jitter exponential backoff; other errors are not.
+    type: int
+    default: 5
+  retry_delay:
+    description:
+      - Base delay in seconds of the backoff; attempt N waits a random time between 0 and
+        min(O(retry_max_delay), O(retry_delay) * 2^(N-1)).
+    type: float
+    default: 0.5
+  retry_max_delay:
+    description:
+      - Upper bound in seconds of one backoff wait.
+    type: float
+    default: 20.0
+  botocore_max_attempts:
+    description:
+      - Attempts per HTTP request inside botocore (its C(standard) retry mode), below the module's own loop.
+        Each multipart part is retried this many times before the whole upload is retried.
+    type: int
+    default: 2
+  connect_timeout:
+    description:
+      - Seconds to wait for a connection.
+    type: float
+    default: 10.0
+  read_timeout:
+    description:
+      - Seconds to wait for data on an open connection.
+    type: float
+    default: 60.0
+  max_concurrency:
+    description:
+      - Threads per multipart transfer.
+    type: int
+    default: 8
+  validate_certs:
+    description:
+      - Verify TLS certificates.
+    type: bool
+    default: true
+  ca_bundle:
+    description:
+      - CA bundle to verify TLS certificates with (a private S3-compatible service).
+    type: path
+notes:
+  - The credentials need C(s3:ListBucket) on the bucket (without it S3 answers 403 instead of 404 for a
+    missing object) and C(s3:GetObject) and C(s3:PutObject) on the prefix; with C(aws:kms),
+    C(kms:GenerateDataKey) and C(kms:Decrypt) on the key.
+  - An interrupted multipart upload is aborted when possible; add a lifecycle rule
+    C(AbortIncompleteMultipartUpload) to the bucket so that parts left by a killed run are removed.
+  - The local dump is hashed only when it has to be uploaded; a backup already verified on a target is
+    not read again locally.
+  - Secrets are never logged or put on a command line; O(targets[].access_key),
+    O(targets[].secret_key) and O(targets[].session_token) are C(no_log).
+seealso:
+  - module: baileys.resilience.s3_fetch
+  - module: baileys.resilience.pg_backup
+"""
+
+EXAMPLES = r"""
+- name: Replicate the backups to two regions and an S3-compatible provider
+  baileys.resilience.s3_replicate:
+    backup_dir: /var/backups/baileys
+    targets:
+      - name: primary
+        bucket: acme-baileys-backups-eu
+        region: eu-west-1
+        prefix: whatsapp/
+        sse: "aws:kms"
+        kms_key_id: alias/baileys-backups
+        storage_class: STANDARD_IA
+      - name: dr-region
+        bucket: acme-baileys-backups-us
+        region: us-east-1
+        prefix: whatsapp/
+        sse: AES256
+      - name: offsite
+        bucket: baileys-backups
+        endpoint_url: https://s3.eu-central-003.backblazeb2.com
+        region: eu-central-003
+        access_key: "{{ vault_b2_key_id }}"
+        secret_key: "{{ vault_b2_application_key }}"
+
+- name: What would be uploaded?
+  baileys.resilience.s3_replicate:
+    backup_dir: /var/backups/baileys
+    targets:
+      - bucket: acme-baileys-backups-eu
+        region: eu-west-1
+        profile: backups
+  check_mode: true
+"""
+
+RETURN = r"""
+changed:
+  description: Whether any object was uploaded (or would be, in check mode).
+  returned: always
+  type: bool
+backups:
+  description: The valid local backups considered, newest first.
+  returned: always
+  type: list
+  elements: str
+invalid_local:
+  description: Local backups that are not valid and were not uploaded, with the reason.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{name: baileys-auth-20261124T030000Z.dump, reason: "no manifest"}]
+uploaded:
+  description: Number of objects uploaded and verified, over all targets.
+  returned: always
+  type: int
+failures:
+  description: Every object not replicated and verified, with its target and the error. Empty on success.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{target: dr-region, key: whatsapp/baileys-auth-20261124T030000Z.dump, error: "SlowDown (HTTP 503)"}]
+targets:
+  description: One entry per target.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    name:
+      description: The target's name.
+      type: str
+    bucket:
+      description: The bucket.
+      type: str
+    status:
+      description: C(ok), C(failed) (some objects failed), or C(unreachable).
+      type: str
+    uploaded:
+      description: Keys uploaded and verified in this run.
+      type: list
+      elements: str
+    would_upload:
+      description: Keys that would be uploaded (check mode only).
+      type: list
+      elements: str
+    verified_present:
+      description: Objects already there with the right size and sha256 metadata.
+      type: int
+    repaired:
+      description: Keys found corrupted by O(verify_existing) and uploaded again.
+      type: list
+      elements: str
+    failed:
+      description: Keys not replicated and verified, with the error.
+      type: list
+      elements: dict
+    bytes_uploaded:
+      description: Bytes uploaded.
+      type: int
+    retries:
+      description: Operations retried by the module's retry loop.
+      type: int
+    seconds:
+      description: Time spent on this target.
+      type: float
+warnings_list:
+  description: Non-fatal findings (also shown as task warnings).
+  returned: always
+  type: list
+  elements: str
+duration:
+  description: Seconds the run took.
+  returned: always
+  type: float
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.baileys.resilience.plugins.module_utils import s3
+
+
+def main():
+    argument_spec = dict(
+        backup_dir=dict(type="path", required=True),
+        name_prefix=dict(type="str", default=s3.DEFAULT_PREFIX),
+        targets=dict(type="list", elements="dict", required=True, options=s3.TARGET_OPTIONS),
+        multipart_threshold=dict(type="raw", default="64MiB"),
+        multipart_chunksize=dict(type="raw", default="16MiB"),
+        verify_download=dict(type="bool", default=False),
+        verify_existing=dict(type="bool", default=False),
+        backup_concurrency=dict(type="int", default=4),
+    )
+    argument_spec.update(s3.TRANSFER_ARGSPEC)
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    p = module.params
+    try:
+        settings = s3.Settings.from_params(
+            p, multipart_threshold=p["multipart_threshold"], multipart_chunksize=p["multipart_chunksize"],
+            verify_download=p["verify_download"], verify_existing=p["verify_existing"],
+            backup_concurrency=p["backup_concurrency"], check_mode=module.check_mode)
+        result = s3.replicate(p["backup_dir"], p["targets"], settings, name_prefix=p["name_prefix"])
+    except s3.S3Error as exc:
+        module.fail_json(msg=str(exc))
+    for warning in result["warnings"][:20]:
+        module.warn(warning)
+    result["warnings_list"] = result.pop("warnings")
+    if not result["ok"]:
+        module.fail_json(msg=s3.failure_message(result), **result)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
