@@ -50,6 +50,8 @@ SECTIONS = {
                "mode": (str, int), "directory_mode": (str, int), "companies": list},
     "import": {"src": str, "company_dir": str, "prune": bool, "buffer_encoding": str, "companies": list},
     "alerts": {"sentry": dict, "telegram": dict},
+    "s3": {"targets": list, "name_prefix": str, "after_backup": bool, "settings": dict, "verify_download": bool,
+           "verify_existing": bool, "fetch_dir": str},
 }
 TOP_LEVEL = {"backup_dir": str, "pg_bin_dir": str, "textfile_dir": str, "lock_dir": str, "log_format": str,
              "hostname": str}
@@ -239,6 +241,15 @@ def build_parser():
     p = sub.add_parser("backup", parents=[common], help="pg_dump the auth state, validate it, apply retention")
     p.add_argument("--force", action="store_true", help="back up even if today's backup exists")
     p.add_argument("--check", action="store_true", help="report what would be done, change nothing")
+
+    p = sub.add_parser("replicate", parents=[common],
+                       help="copy every valid local backup a target lacks to the S3 targets, verified")
+    p.add_argument("--check", action="store_true", help="report what would be uploaded, upload nothing")
+
+    p = sub.add_parser("fetch", parents=[common],
+                       help="download the newest backup whose sha256 verifies, trying the S3 targets in order")
+    p.add_argument("--dest", metavar="DIR", help="download directory (default: config s3.fetch_dir)")
+    p.add_argument("--check", action="store_true", help="say which object would be fetched, download nothing")
 
     p = sub.add_parser("verify", parents=[common], help="verify a backup (default: the newest valid one)")
     p.add_argument("backup_path", nargs="?", metavar="BACKUP", help="path of a .dump file")
@@ -431,6 +442,11 @@ def job_backup(ctx, log):
                     deleted=len(result.get("deleted") or []), skipped=result.get("skipped"))
     summary = result.get("msg") or "%s %s" % ("backup" if result.get("changed") else "no new backup",
                                               result.get("backup") or "")
+    s3_cfg = ctx.section("s3")
+    if s3_cfg.get("targets") and s3_cfg.get("after_backup", True) and not ctx.args.check:
+        # chained: every successful backup is replicated at once; a replication failure fails the job
+        result["replication"] = _replicate(ctx, log)
+        summary += "; replicated (%d uploaded, all targets verified)" % result["replication"].get("uploaded", 0)
     metrics = []
     size = manifest.get("size")
     if isinstance(size, int) and not isinstance(size, bool):
@@ -439,6 +455,57 @@ def job_backup(ctx, log):
         metrics.append(("baileys_resilience_backup_last_keys", "Keys rows in that backup.", "gauge",
                         [({}, (manifest.get("counts") or {}).get("keys"))]))
     return Outcome(result, summary, metrics=metrics)
+
+
+def _s3_settings(ctx, check_mode=False):
+    from . import s3
+
+    cfg = ctx.section("s3")
+    if not cfg.get("targets"):
+        raise ConfigError("no S3 targets: the s3 section of the config needs targets")
+    extra = dict(cfg.get("settings") or {})
+    for key in ("verify_download", "verify_existing"):
+        if cfg.get(key) is not None:
+            extra[key] = bool(cfg[key])
+    settings = s3.Settings(check_mode=check_mode, **extra)
+    return s3, cfg, settings
+
+
+def _replicate(ctx, log, check_mode=False):
+    s3, cfg, settings = _s3_settings(ctx, check_mode)
+    prefix = cfg.get("name_prefix") or ctx.section("backup").get("prefix") or "baileys-auth"
+    with log.step("replicate") as step:
+        result = s3.replicate(ctx.need("backup_dir", "replicate"), cfg["targets"], settings, name_prefix=prefix)
+        step.counts(uploaded=result.get("uploaded"), failures=len(result.get("failures") or []),
+                    targets=len(result.get("targets") or []))
+    if not result.get("ok"):
+        error = s3.S3Error(s3.failure_message(result))
+        error.result = result
+        raise error
+    return result
+
+
+def job_replicate(ctx, log):
+    result = _replicate(ctx, log, bool(ctx.args.check))
+    summary = "%d object(s) %s to %d target(s), all verified" % (
+        result.get("uploaded", 0), "would be uploaded" if ctx.args.check else "uploaded",
+        len(result.get("targets") or []))
+    return Outcome(result, summary, metrics=[
+        ("baileys_resilience_replicate_uploaded_objects", "Objects uploaded by the last replication run.", "gauge",
+         [({}, result.get("uploaded", 0))])])
+
+
+def job_fetch(ctx, log):
+    s3, cfg, settings = _s3_settings(ctx, bool(ctx.args.check))
+    dest = ctx.args.dest or cfg.get("fetch_dir")
+    if not dest:
+        raise ConfigError("fetch needs --dest or s3.fetch_dir in the config")
+    prefix = cfg.get("name_prefix") or ctx.section("backup").get("prefix") or "baileys-auth"
+    with log.step("fetch") as step:
+        result = s3.fetch(dest, cfg["targets"], settings, name_prefix=prefix)
+        step.counts(target=result.get("target"), key=result.get("key"), tried=len(result.get("tried") or []))
+    return Outcome(result, "%s from %s (%s)" % (result.get("path") or result.get("key"), result.get("target"),
+                                                "check mode" if ctx.args.check else "sha256 verified"))
 
 
 def _newest_backup_path(backup, backup_dir, prefix):
@@ -609,6 +676,8 @@ def job_import(ctx, log):
 
 JOBS = {
     "backup": job_backup,
+    "replicate": job_replicate,
+    "fetch": job_fetch,
     "verify": job_verify,
     "cleanup": job_cleanup,
     "health": job_health,
