@@ -77,3 +77,12 @@ def ansible_env():
     env["ANSIBLE_HOST_KEY_CHECKING"] = "0"
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env
+
+
+@pytest.fixture(scope="session")
+def host_pkg(tmp_path_factory):
+    """module_utils copied on a 'host' as the package baileys_resilience (as the tool role installs it)."""
+    base = tmp_path_factory.mktemp("host")
+    shutil.copytree(os.path.join(ROOT, "plugins", "module_utils"), str(base / "baileys_resilience"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return str(base)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,15 +23,6 @@ from ansible_collections.baileys.resilience.plugins.module_utils import cli, job
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MIX = {"pre-key": 12, "session": 6, "sender-key": 4, "app-state-sync-key": 2, "app-state-sync-version": 2,
        "tctoken": 2, "lid-mapping": 2}
-
-
-@pytest.fixture(scope="module")
-def host_pkg(tmp_path_factory):
-    """module_utils copied on a 'host' as the package baileys_resilience."""
-    base = tmp_path_factory.mktemp("host")
-    shutil.copytree(os.path.join(ROOT, "plugins", "module_utils"), str(base / "baileys_resilience"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    return str(base)
 
 
 def write_config(path, conn, mode=0o600, **extra):

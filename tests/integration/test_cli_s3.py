@@ -7,7 +7,7 @@ import os
 
 import authgen
 from s3fixtures import TEST_ACCESS_KEY, TEST_SECRET_KEY, create_bucket, dead_endpoint, list_keys
-from test_cli import MIX, host_pkg, log_lines, run_host, write_config  # noqa: F401 (host_pkg: fixture)
+from test_cli import MIX, log_lines, run_host, write_config
 
 pytest_plugins = ["s3fixtures"]
 
