@@ -1,0 +1,113 @@
+"""Helpers shared by the s3_replication scenario's verifiers (testinfra, run on the controller)."""
+
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+SCENARIO_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(SCENARIO_DIR / "files"))
+
+import seed  # noqa: E402  (files/seed.py: one company, the 1,650-key reference mix)
+
+SEED = seed.expected()
+# testinfra's podman backend: a plain `podman exec` of the platform's container (fast)
+APP_NAME = "s3-replication-trixie"
+APP = "podman://" + APP_NAME
+PG_HOST = "s3-replication-pg18"
+DR_HOST = "s3-replication-dr-pg18"
+PG_PASSWORD = os.environ.get("BAILEYS_TEST_PG_PASSWORD", "molecule-pg18")
+DB = SEED["database"]
+TOOL = "/usr/local/bin/baileys-resilience"
+CONFIG_DIR = "/etc/baileys-resilience"
+CREDENTIALS_DIR = CONFIG_DIR + "/s3"
+BACKUP_DIR = "/var/backups/baileys-resilience"
+LOG_DIR = "/var/log/baileys-resilience"
+BIN18 = "/usr/lib/postgresql/18/bin"
+BACKUP_CRON = "/etc/cron.d/baileys-resilience-backup"
+S3_CRON = "/etc/cron.d/baileys-resilience-s3"
+PREFIX = "baileys-auth"
+DUMP_RE = re.compile(r"^%s-(\d{8}T\d{6}Z)\.dump$" % re.escape(PREFIX))
+
+# moto on the controller (molecule.yml: baileys_test_s3_*; the containers use host.containers.internal)
+S3_PORT = int(os.environ.get("BAILEYS_MOTO_PORT", "8766"))
+S3_URL = "http://127.0.0.1:%d" % S3_PORT
+ACCESS_KEY = "AKIAMOLECULES3REPL01"
+SECRET_KEY = "molecule/S3+Repl=Secret/0001"
+# name, bucket, region, key prefix, configured by the role
+TARGETS = [
+    {"name": "primary", "bucket": "baileys-molecule-eu", "region": "eu-west-1", "prefix": "prod/", "configured": True},
+    {"name": "dr-region", "bucket": "baileys-molecule-us", "region": "us-east-1", "prefix": "prod/",
+     "configured": False},
+]
+
+
+def s3_client(region):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=S3_URL, region_name=region, aws_access_key_id=ACCESS_KEY,
+                        aws_secret_access_key=SECRET_KEY,
+                        config=Config(retries={"mode": "standard", "total_max_attempts": 3}))
+
+
+def run(host, cmd, ok=True):
+    """``host.run`` that fails the test with the output when ``ok`` and the command failed."""
+    result = host.run(cmd)
+    if ok:
+        assert result.rc == 0, "%s\nrc=%s\nstdout:\n%s\nstderr:\n%s" % (cmd, result.rc, result.stdout, result.stderr)
+    return result
+
+
+def cron_job(host, cron_file, name):
+    """``(environment, schedule, user, command)`` of the job ``#Ansible: <name>`` in a cron.d file."""
+    lines = host.file(cron_file).content_string.splitlines()
+    env = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", line)
+        if m:
+            env[m.group(1)] = m.group(2).strip().strip('"')
+        if line.strip() == "#Ansible: %s" % name:
+            fields = lines[i + 1].split(None, 6)
+            assert len(fields) == 7, lines[i + 1]
+            return env, " ".join(fields[:5]), fields[5], fields[6]
+    raise AssertionError("no job %r in %s:\n%s" % (name, cron_file, "\n".join(lines)))
+
+
+def run_like_cron(host, cron_file, name):
+    """Run a job's command exactly as cron does: ``/bin/sh -c`` as root, with cron's small environment."""
+    env, _schedule, user, command = cron_job(host, cron_file, name)
+    assert user == "root"
+    cron_env = {"HOME": "/root", "LOGNAME": "root", "USER": "root", "SHELL": "/bin/sh",
+                "PATH": env.get("PATH", "/usr/bin:/bin")}
+    cron_env.update({k: v for k, v in env.items() if k != "PATH"})
+    assigns = " ".join("%s=%s" % (k, shlex.quote(v)) for k, v in sorted(cron_env.items()))
+    return host.run("env -i %s /bin/sh -c %s" % (assigns, shlex.quote(command))), command
+
+
+def psql(host, pg_host, db, query):
+    """Rows (lists of strings) of a query, run with client 18 on the app host."""
+    out = run(host, "PGPASSWORD=%s PGCONNECT_TIMEOUT=10 %s/psql -h %s -U postgres -d %s -AtqX -F '|' "
+                    "-v ON_ERROR_STOP=1 -c %s" % (shlex.quote(PG_PASSWORD), BIN18, pg_host, db, shlex.quote(query)))
+    return [line.split("|") for line in out.stdout.splitlines() if line]
+
+
+def dumps(host, directory=BACKUP_DIR):
+    return sorted(n for n in run(host, "ls -A %s" % directory).stdout.split() if DUMP_RE.match(n))
+
+
+def manifest(host, path):
+    return json.loads(host.file(path + ".manifest.json").content_string)
+
+
+def sha256(host, path):
+    return run(host, "sha256sum %s" % shlex.quote(path)).stdout.split()[0]
+
+
+def log_records(host, log_name):
+    """The JSON step records of a job's log (other lines, like the summary, are skipped)."""
+    return [json.loads(line) for line in host.file("%s/%s" % (LOG_DIR, log_name)).content_string.splitlines()
+            if line.startswith("{")]
