@@ -53,6 +53,7 @@ def test_export_and_import_playbooks(ansible_env, db, dbconn, tmp_path):
     rc, tasks, out = playbook(ansible_env, "export_auth_state.yml", v, work)
     assert rc == 0, out
     assert tasks["Export from PostgreSQL"]["changed"]
+    assert "2 companies, %d keys" % (2 * sum(MIX.values())) in tasks["Report"]["msg"]
     assert sorted(os.listdir(sessions)) == ["session-company-001", "session-company-002"]
 
     rc, tasks, out = playbook(ansible_env, "export_auth_state.yml", v, work)
@@ -69,6 +70,7 @@ def test_export_and_import_playbooks(ansible_env, db, dbconn, tmp_path):
     dbconn.commit()
     rc, tasks, out = playbook(ansible_env, "import_auth_state.yml", v, work)
     assert rc == 0 and tasks["Import into PostgreSQL"]["totals"]["inserted"] == 1, out
+    assert "1 inserted" in tasks["Report"]["msg"] and "%d keys" % (2 * sum(MIX.values()) + 1) in tasks["Report"]["msg"]
     assert dbconn.execute("SELECT count(*) FROM whatsapp_keys WHERE key_id = '999999'").fetchone()[0] == 1
 
 
