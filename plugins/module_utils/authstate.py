@@ -232,23 +232,38 @@ def _wanted_files(state, warnings):
         wanted[codec.CREDS_FILE] = state.creds
     owners = {}
     for key_type, key_id, text in state.keys:
-        try:
-            name = codec.key_file_name(key_type, key_id)
-        except codec.CodecError as exc:
-            raise AuthStateError("company %r: %s" % (state.company_id, exc))
+        if key_type in _KEY_TYPES and key_id and not (
+                "/" in key_id or ":" in key_id or "-" in key_id or "_" in key_id):
+            # nothing for fixFileName to change, and the name reads back as the same key
+            name = "%s-%s.json" % (key_type, key_id)
+        else:
+            try:
+                name = codec.key_file_name(key_type, key_id)
+            except codec.CodecError as exc:
+                raise AuthStateError("company %r: %s" % (state.company_id, exc))
+            if not codec.round_trips(key_type, key_id):
+                warnings.append(
+                    "company %r: %s id %r is written as %s, which reads back as a different id on import"
+                    % (state.company_id, key_type, key_id, name)
+                )
         if name in owners:
             raise AuthStateError(
                 "company %r: keys %r and %r map to the same Baileys file %s; Baileys itself could not keep both"
                 % (state.company_id, owners[name], (key_type, key_id), name)
             )
         owners[name] = (key_type, key_id)
-        if not codec.round_trips(key_type, key_id):
-            warnings.append(
-                "company %r: %s id %r is written as %s, which reads back as a different id on import"
-                % (state.company_id, key_type, key_id, name)
-            )
         wanted[name] = text
     return wanted
+
+
+_KEY_TYPES = frozenset(codec.KEY_TYPES)
+
+
+def _file_text(source_text):
+    """codec.file_text, skipping its regex when neither legacy form can be there (both need '[' or '"0"')."""
+    if "[" not in source_text and '"0"' not in source_text:
+        return source_text
+    return codec.file_text(source_text)[0]
 
 
 def mirror_company(dest_fd, state, opts, snapshot):
@@ -298,13 +313,16 @@ def mirror_company(dest_fd, state, opts, snapshot):
                     if opts.uid != -1 or opts.gid != -1:
                         os.fchown(dir_fd, opts.uid, opts.gid)
                     result["metadata_fixed"] += 0 if created else 1
-            if not opts.check_mode:
-                fsutil.remove_stale_temps(dir_fd)
             manifest = _load_manifest(dir_fd)
             old_files = manifest.get("files", {})
             existing = {}
             with os.scandir(dir_fd) as it:
                 for entry in it:
+                    if not opts.check_mode and entry.name.startswith(fsutil.TEMP_PREFIX) and entry.is_file(
+                            follow_symlinks=False):
+                        # left behind by an interrupted run
+                        fsutil._unlink_quiet(entry.name, dir_fd=dir_fd)
+                        continue
                     existing[entry.name] = entry
         else:
             old_files, existing = {}, {}
@@ -327,7 +345,7 @@ def mirror_company(dest_fd, state, opts, snapshot):
                 else:
                     meta_fix.append(name)
                 continue
-            text, _converted = codec.file_text(source_text)
+            text = _file_text(source_text)
             data = text.encode("utf-8") if text is not source_text else source_bytes
             sha = src_sha if text is source_text else _sha(data)
             record = {"sha256": sha, "size": len(data)}
@@ -374,27 +392,27 @@ def mirror_company(dest_fd, state, opts, snapshot):
             "files": new_files,
         }
         if not opts.check_mode and dir_fd is not None:
-            writer = fsutil.BatchWriter(dir_fd, opts.mode, opts.uid, opts.gid)
-            try:
-                for name, data in to_write:
-                    writer.stage(name, data)
-                written = writer.commit()
-            except BaseException:
-                writer.abort()
-                raise
-            for name in written:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                new_files[name]["mtime_ns"] = st.st_mtime_ns
             for name in meta_fix:
                 _fix_meta(dir_fd, name, opts)
             for name in to_remove:
                 os.unlink(name, dir_fd=dir_fd)
-            if to_remove:
-                os.fsync(dir_fd)
-            if to_write or to_remove or _manifest_differs(manifest, manifest_body):
-                data = (json.dumps(manifest_body, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")
-                _write_manifest(dir_fd, data, opts)
-                result["manifest_written"] = True
+            # One flush for the files and the manifest; the manifest is renamed into place last.
+            writer = fsutil.BatchWriter(dir_fd, opts.mode, opts.uid, opts.gid)
+            try:
+                for name, data in to_write:
+                    writer.stage(name, data)
+                    new_files[name]["mtime_ns"] = writer.mtime_ns[name]
+                if to_write or to_remove or _manifest_differs(manifest, manifest_body):
+                    data = (json.dumps(manifest_body, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")
+                    writer.stage(codec.MANIFEST_FILE, data)
+                    result["manifest_written"] = True
+                if len(writer):
+                    writer.commit()
+                elif to_remove:
+                    os.fsync(dir_fd)
+            except BaseException:
+                writer.abort()
+                raise
         result["changed"] = bool(to_write or to_remove or result["metadata_fixed"] or created
                                  or result.get("manifest_written"))
         if opts.diff:
@@ -416,12 +434,6 @@ def _manifest_differs(old, new):
         return True
     keys = ("company_id", "counts", "files", "source")
     return any(old.get(k) != new.get(k) for k in keys)
-
-
-def _write_manifest(dir_fd, data, opts):
-    writer = fsutil.BatchWriter(dir_fd, opts.mode, opts.uid, opts.gid)
-    writer.stage(codec.MANIFEST_FILE, data)
-    writer.commit()
 
 
 def _counts(state):
@@ -615,14 +627,198 @@ def read_directory(company_id, directory, encoding="base64", problems=None):
     return state, warnings
 
 
-def _copy_rows(cur, table_sql, rows):
-    with cur.copy(table_sql) as copy:
-        for row in rows:
-            copy.write_row(row)
+# The happy path of an import reads each file's bytes and hands them to PostgreSQL,
+# which parses them into the jsonb column of a temporary table while the next
+# companies are read.  Python only parses a file that needs rewriting (a legacy
+# Buffer form, or buffer_encoding=array).  When anything is not accepted as is
+# (a bad name, not UTF-8, NUL, invalid JSON, creds not an object...), the
+# transaction is rolled back and every file is read again by the strict
+# reader, read_directory(), which lists each bad file.
+
+READ_THREADS = 2  # file readers: os.read releases the GIL, so reading overlaps the COPY
+READ_AHEAD = 6  # companies read ahead of the one being copied
+IMPORT_TEMP_BUFFERS = "256MB"  # the temporary tables stay in memory instead of spilling
+
+_NEEDS_NORMALISE_BYTES = re.compile(codec._NEEDS_NORMALISE.pattern.encode("ascii"))
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_SIZE = 1 << 16
 
 
-def import_states(conn, store, states, prune=False, check_mode=False, diff=False):
-    """Apply the states in the caller's transaction; return counts."""
+class _NeedsStrictRead(Exception):
+    """The fast reader met something it does not accept as is: read everything strictly."""
+
+
+def _needs_normalise(raw):
+    """codec._NEEDS_NORMALISE on bytes; both of its forms need a '[' or a '"0"', which are quick to rule out."""
+    return (b"[" in raw or b'"0"' in raw) and _NEEDS_NORMALISE_BYTES.search(raw) is not None
+
+
+_KEY_NAME = re.compile(r"(%s)-(.+)\.json\Z" % "|".join(re.escape(t) for t in codec._TYPES_LONGEST_FIRST), re.S)
+
+
+def _parse_key_name(name):
+    """codec.parse_key_file_name, with one regex match instead of a loop over the key types."""
+    m = _KEY_NAME.match(name)
+    if m is None:
+        return codec.parse_key_file_name(name)  # raises CodecError
+    key_type, key_id = m.groups()
+    if key_type == "sender-key":
+        key_id = key_id.replace("--", "::")
+    elif key_type == "app-state-sync-key":
+        key_id = key_id.replace("__", "/")
+    return key_type, key_id
+
+
+def _copy_field(data):
+    """``data`` (bytes) escaped for COPY's text format."""
+    if not (b"\\" in data or b"\n" in data or b"\t" in data or b"\r" in data):
+        return data
+    return data.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r").replace(b"\t", b"\\t")
+
+
+class _CompanyData:
+    """One company ready for COPY: key rows as COPY text, creds as JSON text."""
+
+    __slots__ = ("company_id", "keys", "creds", "copy", "warnings")
+
+    def __init__(self, company_id, keys, creds, copy, warnings=()):
+        self.company_id = company_id
+        self.keys = keys  # number of key files
+        self.creds = creds  # JSON text or None
+        self.copy = copy  # bytes: the rows for br_import_keys
+        self.warnings = warnings
+
+
+def _from_state(state):
+    cid = _copy_field(state.company_id.encode("utf-8"))
+    rows = [b"\t".join((cid, _copy_field(t.encode("utf-8")), _copy_field(i.encode("utf-8")),
+                         _copy_field(v.encode("utf-8")))) for t, i, v in state.keys]
+    rows.append(b"")
+    return _CompanyData(state.company_id, len(state.keys), state.creds, b"\n".join(rows) if state.keys else b"")
+
+
+def _read_bytes(name, dir_fd):
+    fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    try:
+        data = os.read(fd, _READ_SIZE)
+        if data:
+            more = os.read(fd, _READ_SIZE)
+            if more:
+                chunks = [data, more]
+                while more:
+                    more = os.read(fd, _READ_SIZE)
+                    chunks.append(more)
+                data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    return data
+
+
+def _read_directory_fast(company_id, directory, encoding):
+    """Read one company directory for COPY; raise :class:`_NeedsStrictRead` on anything unusual.
+
+    Checks what PostgreSQL would not: file names, duplicate keys, UTF-8, NUL.
+    JSON itself is checked by PostgreSQL during the COPY.
+    """
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        raise _NeedsStrictRead()
+    warnings = []
+    try:
+        with os.scandir(dir_fd) as it:
+            entries = sorted((e.name, e.is_file(follow_symlinks=False)) for e in it)
+        cid = _copy_field(company_id.encode("utf-8"))
+        rows = []
+        seen = set()
+        creds = None
+        needs_all = encoding != "base64"
+        parse_name = _parse_key_name
+        needs = _needs_normalise
+        types = {t: _copy_field(t.encode("ascii")) for t in codec.KEY_TYPES}
+        for name, is_file in entries:
+            if name == codec.MANIFEST_FILE:
+                continue
+            if name.startswith(fsutil.TEMP_PREFIX):
+                warnings.append("ignoring leftover temporary file %s" % os.path.join(directory, name))
+                continue
+            if not is_file:
+                raise _NeedsStrictRead()
+            if name == codec.CREDS_FILE:
+                key = None
+            else:
+                key = parse_name(name)
+                if key in seen:
+                    raise _NeedsStrictRead()
+                seen.add(key)
+            raw = _read_bytes(name, dir_fd)
+            if not raw.isascii():
+                raw.decode("utf-8")
+            if b"\x00" in raw:
+                raise _NeedsStrictRead()
+            if needs_all or needs(raw):
+                value = codec.loads_strict(raw.decode("utf-8"))
+                if key is None and type(value) is not dict:
+                    raise _NeedsStrictRead()
+                normalised, converted = codec.normalise(value, encoding)
+                if converted:
+                    raw = codec.render(normalised).encode("utf-8")
+            if key is None:
+                creds = raw.decode("utf-8")
+                continue
+            rows.append((key, b"%s\t%s\t%s\t%s" % (cid, types[key[0]], _copy_field(key[1].encode("utf-8")),
+                                                     _copy_field(raw))))
+    except (OSError, ValueError, UnicodeError):  # CodecError, JSON and UTF-8 errors are ValueErrors
+        raise _NeedsStrictRead()
+    finally:
+        os.close(dir_fd)
+    # in primary key order (file names sort almost so): the upsert then walks the index in order
+    rows.sort(key=_first)
+    lines = [row for _key, row in rows]
+    if lines:
+        lines.append(b"")
+    return _CompanyData(company_id, len(rows), creds, b"\n".join(lines), warnings)
+
+
+def _first(item):
+    return item[0]
+
+
+def _read_all_fast(targets, encoding, threads=None):
+    """Yield :class:`_CompanyData` for ``targets`` in order, read ahead by a few threads."""
+    threads = READ_THREADS if threads is None else threads
+    if threads <= 1 or len(targets) < 2:
+        for cid, directory in targets:
+            yield _read_directory_fast(cid, directory, encoding)
+        return
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=threads)
+    pending = collections.deque()
+    todo = iter(targets)
+    try:
+        for cid, directory in todo:
+            pending.append(pool.submit(_read_directory_fast, cid, directory, encoding))
+            if len(pending) >= READ_AHEAD:
+                break
+        while pending:
+            data = pending.popleft().result()
+            for cid, directory in todo:
+                pending.append(pool.submit(_read_directory_fast, cid, directory, encoding))
+                break
+            yield data
+    finally:
+        for fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True)
+
+
+def _apply(conn, store, companies, prune=False, check_mode=False, diff=False, check_creds=False):
+    """COPY ``companies`` (an iterable of :class:`_CompanyData`) and apply them in the caller's transaction.
+
+    Returns ``(per-company counts, diff lines, the company data)``.
+    """
     sql = pgconn.sql
     cur = conn.cursor()
     store.check_tables(cur)
@@ -630,15 +826,29 @@ def import_states(conn, store, states, prune=False, check_mode=False, diff=False
     cur.execute("CREATE TEMP TABLE br_import_keys (company_id text, key_type text, key_id text, value jsonb) "
                 "ON COMMIT DROP")
     cur.execute("CREATE TEMP TABLE br_import_auth (company_id text, creds jsonb) ON COMMIT DROP")
-    company_ids = [s.company_id for s in states]
-    _copy_rows(cur, "COPY br_import_keys (company_id, key_type, key_id, value) FROM STDIN",
-               ((s.company_id, t, i, v) for s in states for (t, i, v) in s.keys))
-    _copy_rows(cur, "COPY br_import_auth (company_id, creds) FROM STDIN",
-               ((s.company_id, s.creds) for s in states if s.creds is not None))
-    cur.execute("ANALYZE br_import_keys")
+    done = []
+    with cur.copy("COPY br_import_keys (company_id, key_type, key_id, value) FROM STDIN") as copy:
+        for data in companies:
+            if data.copy:
+                copy.write(data.copy)
+            data.copy = None
+            done.append(data)
+    with cur.copy("COPY br_import_auth (company_id, creds) FROM STDIN") as copy:
+        for data in done:
+            if data.creds is not None:
+                copy.write_row((data.company_id, data.creds))
+    if check_creds:
+        cur.execute("SELECT 1 FROM br_import_auth WHERE jsonb_typeof(creds) <> 'object' LIMIT 1")
+        if cur.fetchone() is not None:
+            raise _NeedsStrictRead()
+    if prune or check_mode:
+        # the planner needs row counts and key statistics for the joins below; the values are never joined on
+        cur.execute("ANALYZE br_import_keys (company_id, key_type, key_id)")
+    company_ids = [d.company_id for d in done]
     per = {cid: {"company_id": cid, "inserted": 0, "updated": 0, "unchanged": 0, "deleted": 0,
                  "creds": "absent"} for cid in company_ids}
     diff_lines = []
+    key_counts = None
     if check_mode:
         cur.execute(sql.SQL(
             "SELECT t.company_id, t.key_type, t.key_id, CASE WHEN k.company_id IS NULL THEN 'insert' "
@@ -652,14 +862,24 @@ def import_states(conn, store, states, prune=False, check_mode=False, diff=False
             "FROM br_import_auth t LEFT JOIN {} a USING (company_id)").format(store.auth))
         creds_changes = cur.fetchall()
     else:
-        cur.execute(sql.SQL(
+        upsert = sql.SQL(
             "INSERT INTO {keys} AS k (company_id, key_type, key_id, value, created_at, updated_at) "
             "SELECT company_id, key_type, key_id, value, now(), now() FROM br_import_keys "
             "ON CONFLICT (company_id, key_type, key_id) DO UPDATE SET value = EXCLUDED.value, updated_at = now() "
             "WHERE k.value IS DISTINCT FROM EXCLUDED.value "
-            "RETURNING k.company_id, k.key_type, k.key_id, CASE WHEN xmax = 0 THEN 'insert' ELSE 'update' END"
-        ).format(keys=store.keys))
-        key_changes = cur.fetchall()
+        ).format(keys=store.keys)
+        if diff:
+            cur.execute(upsert + sql.SQL(
+                "RETURNING k.company_id, k.key_type, k.key_id, CASE WHEN xmax = 0 THEN 'insert' ELSE 'update' END"))
+            key_changes = cur.fetchall()
+        else:
+            # only the counts travel back, not one row per key
+            cur.execute(sql.SQL("WITH up AS (") + upsert + sql.SQL(
+                "RETURNING k.company_id, xmax = 0 AS inserted) "
+                "SELECT company_id, count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) "
+                "FROM up GROUP BY company_id"))
+            key_changes = []
+            key_counts = cur.fetchall()
         cur.execute(sql.SQL(
             "WITH up AS (INSERT INTO {auth} AS a (company_id, creds, created_at, updated_at) "
             "SELECT company_id, creds, now(), now() FROM br_import_auth "
@@ -669,6 +889,9 @@ def import_states(conn, store, states, prune=False, check_mode=False, diff=False
             "SELECT t.company_id, coalesce(up.op, 'unchanged') FROM br_import_auth t "
             "LEFT JOIN up USING (company_id)").format(auth=store.auth))
         creds_changes = cur.fetchall()
+    for cid, inserted, updated in key_counts or ():
+        per[cid]["inserted"] += inserted
+        per[cid]["updated"] += updated
     for cid, key_type, key_id, op in key_changes:
         per[cid]["inserted" if op == "insert" else "updated"] += 1
         if diff and len(diff_lines) < DIFF_LIMIT:
@@ -691,45 +914,80 @@ def import_states(conn, store, states, prune=False, check_mode=False, diff=False
             per[cid]["deleted"] += 1
             if diff and len(diff_lines) < DIFF_LIMIT:
                 diff_lines.append("- %s %s/%s" % (cid, key_type, key_id))
-    for s in states:
-        c = per[s.company_id]
-        c["files"] = len(s.keys) + (1 if s.creds is not None else 0)
-        c["keys"] = len(s.keys)
-        c["unchanged"] = len(s.keys) - c["inserted"] - c["updated"]
+    for d in done:
+        c = per[d.company_id]
+        c["files"] = d.keys + (1 if d.creds is not None else 0)
+        c["keys"] = d.keys
+        c["unchanged"] = d.keys - c["inserted"] - c["updated"]
     cur.close()
+    return per, diff_lines, done
+
+
+def import_states(conn, store, states, prune=False, check_mode=False, diff=False):
+    """Apply the states in the caller's transaction; return counts."""
+    per, diff_lines, _done = _apply(conn, store, (_from_state(s) for s in states), prune, check_mode, diff)
     return per, diff_lines
 
 
 def import_auth_state(conn_params, store_params, src, company_id=None, companies=None, company_dir="{company_id}",
                       prune=False, buffer_encoding="base64", check_mode=False, diff=False):
-    """Validate every file, then apply all companies in one transaction."""
+    """Validate every file, then apply all companies in one transaction.
+
+    Files stream into PostgreSQL as they are read; if any file is not accepted
+    as is, the transaction is rolled back and the strict reader lists every
+    bad file (:class:`ValidationError`): the database is not touched.
+    """
     started = time.monotonic()
     if buffer_encoding not in ("base64", "array"):
         raise AuthStateError("buffer_encoding must be 'base64' or 'array'")
     template = DirTemplate(company_dir)
     targets = _discover(src, template, company_id, companies)
-    problems, warnings, states = [], [], []
-    for cid, directory in targets:
-        state, warn = read_directory(cid, directory, buffer_encoding, problems)
-        states.append(state)
-        warnings.extend(warn)
-    if problems:
-        raise ValidationError(problems)
     store = pgconn.Store.from_params(store_params)
     conn = pgconn.connect(conn_params)
+    warnings = []
+    reader = _read_all_fast(targets, buffer_encoding)
     try:
-        with conn.transaction():
-            per, diff_lines = import_states(conn, store, states, prune, check_mode, diff)
-            if check_mode:
-                raise _Rollback()
-    except _Rollback:
-        pass
+        strict = None
+        try:
+            with conn.transaction():
+                # before this session's first temporary table, or it cannot change
+                conn.execute("SET LOCAL temp_buffers = '%s'" % IMPORT_TEMP_BUFFERS)
+                per, diff_lines, done = _apply(conn, store, reader, prune, check_mode, diff, check_creds=True)
+                if check_mode:
+                    raise _Rollback()
+        except _Rollback:
+            pass
+        except _NeedsStrictRead:
+            strict = True
+        except pgconn.psycopg.DataError as exc:  # invalid JSON (or text PostgreSQL cannot store)
+            strict = exc
+        if strict is not None:
+            problems, states = [], []
+            for cid, directory in targets:
+                state, warn = read_directory(cid, directory, buffer_encoding, problems)
+                states.append(state)
+                warnings.extend(warn)
+            if problems:
+                raise ValidationError(problems)
+            # the strict reader accepts what the fast one did not: import what it read
+            try:
+                with conn.transaction():
+                    per, diff_lines, done = _apply(conn, store, (_from_state(s) for s in states), prune,
+                                                   check_mode, diff)
+                    if check_mode:
+                        raise _Rollback()
+            except _Rollback:
+                pass
+        else:
+            for d in done:
+                warnings.extend(d.warnings)
     except pgconn.psycopg.Error as exc:
         raise pgconn.PgError("import failed, nothing was changed (%s): %s" % (
             pgconn.describe(conn_params), pgconn._scrub(exc, conn_params)))
     finally:
+        reader.close()
         conn.close()
-    companies_out = [per[s.company_id] for s in states]
+    companies_out = [per[d.company_id] for d in done]
     totals = {k: sum(c[k] for c in companies_out) for k in ("files", "keys", "inserted", "updated", "unchanged",
                                                           "deleted")}
     totals["companies"] = len(companies_out)

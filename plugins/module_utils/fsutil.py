@@ -115,8 +115,10 @@ class BatchWriter:
     """Stage many files in one directory; commit them with one flush.
 
     ``stage(name, data)`` writes a temporary file; ``commit()`` makes every
-    staged file durable, renames them into place and fsyncs the directory.
-    ``abort()`` removes the temporary files.
+    staged file durable, renames them into place in the order they were
+    staged and fsyncs the directory.  ``abort()`` removes the temporary files.
+    ``mtime_ns[name]`` is the modification time of each staged file, taken
+    before it is closed: the rename keeps it.
     """
 
     def __init__(self, dir_fd, mode=0o600, uid=-1, gid=-1):
@@ -124,8 +126,8 @@ class BatchWriter:
         self.mode = mode
         self.uid = uid
         self.gid = gid
+        self.mtime_ns = {}
         self._staged = []  # (tmp, final)
-        self._fds_needing_sync = []
         self._serial = 0
         self._pid = os.getpid()
 
@@ -135,18 +137,21 @@ class BatchWriter:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, self.mode,
                      dir_fd=self.dir_fd)
         try:
+            self._staged.append((tmp, name))
             if self.uid != -1 or self.gid != -1:
                 os.fchown(fd, self.uid, self.gid)
-            # the umask may have narrowed the mode at creation
-            os.fchmod(fd, self.mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
+            st = os.fstat(fd)
+            if stat.S_IMODE(st.st_mode) != self.mode:
+                # the umask (or a default ACL) narrowed the mode at creation; chmod keeps the mtime
+                os.fchmod(fd, self.mode)
+            self.mtime_ns[name] = st.st_mtime_ns
             if _syncfs is None:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        self._staged.append((tmp, name))
 
     def __len__(self):
         return len(self._staged)

@@ -14,8 +14,11 @@ version_added: 0.1.0
 description:
   - Reads C(creds.json) and every C(<type>-<id>.json) key file of each company directory under O(src)
     (or of the single directory O(src) with O(company_id)) and writes them to PostgreSQL.
-  - Validates every file first. Any unreadable file, bad JSON or unknown file name fails the task,
-    naming the files, and the database is not touched.
+  - Validates every file before anything is committed. Any unreadable file, bad JSON or unknown file
+    name fails the task, naming every bad file, and the database is not touched. (File names, encodings and
+    Buffer forms are checked in Python; the JSON itself is checked by PostgreSQL while the files are loaded
+    into a temporary table, in the transaction that is rolled back on any error; only then is every file
+    re-read strictly to name all the bad ones.)
   - The whole run is one transaction, all or nothing. Rows are loaded with C(COPY) into a temporary
     table and merged with one upsert per table that only changes rows whose value differs, so
     C(updated_at) moves only on rows that changed.
