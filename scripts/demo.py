@@ -283,6 +283,16 @@ class Demo:
             "failover_health_url": "http://127.0.0.1:%d/health" % self.service_port,
             "failover_health_verify_counts": True, "failover_health_timeout": 60,
         }
+        # first what an operator runs when there is a minute to spare: --check --diff changes nothing
+        env_before = open(self.env_file, "rb").read()
+        sessions = self.fv["failover_sessions_dir"]
+        before = sorted(os.listdir(sessions))
+        res, secs = self.playbook("emergency_rollback.yml", self.fv, "--check", "--diff")
+        would = next(r["failover_rollback_report"] for r in res.values() if "failover_rollback_report" in r)
+        untouched = open(self.env_file, "rb").read() == env_before and sorted(os.listdir(sessions)) == before
+        self.step("emergency_rollback --check --diff", secs,
+                  "would export %s files from %s; nothing changed" % (would["files_written"], would["source"]),
+                  untouched and would["source"] == "backup" and int(would["files_written"]) == self.n_keys + 1)
         res, secs = self.playbook("emergency_rollback.yml", self.fv)
         report = next(r["failover_rollback_report"] for r in res.values() if "failover_rollback_report" in r)
         h = self.health(mode="files")
