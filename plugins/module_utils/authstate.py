@@ -9,7 +9,6 @@ and :func:`import_auth_state`.
 """
 from __future__ import absolute_import, division, print_function
 
-import datetime
 import errno
 import fcntl
 import grp
@@ -1008,7 +1007,3 @@ def import_auth_state(conn_params, store_params, src, company_id=None, companies
 
 class _Rollback(Exception):
     """Raised inside the transaction to roll back a check-mode run."""
-
-
-def utcnow_iso():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat()

@@ -27,7 +27,6 @@ __metaclass__ = type
 
 CREDS_FILE = "creds.json"
 MANIFEST_FILE = ".baileys-resilience-manifest.json"
-TEMP_PREFIX = ".baileys-resilience-tmp-"
 
 KEY_TYPES = (
     "pre-key",

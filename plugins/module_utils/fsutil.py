@@ -172,17 +172,3 @@ class BatchWriter:
         for tmp, _final in self._staged:
             _unlink_quiet(tmp, dir_fd=self.dir_fd)
         self._staged = []
-
-
-def remove_stale_temps(dir_fd):
-    """Remove temporary files an interrupted run left behind; return their names."""
-    removed = []
-    for entry in os.scandir(dir_fd):
-        if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
-            _unlink_quiet(entry.name, dir_fd=dir_fd)
-            removed.append(entry.name)
-    return removed
-
-
-def is_regular(st):
-    return stat.S_ISREG(st.st_mode)

@@ -14,7 +14,7 @@ import authgen
 import pytest
 
 from ansible_collections.baileys.resilience.plugins.module_utils import baileys_codec as codec
-from ansible_collections.baileys.resilience.plugins.module_utils import pgconn
+from ansible_collections.baileys.resilience.plugins.module_utils import fsutil, pgconn
 
 # --------------------------------------------------------------------------- helpers
 
@@ -200,7 +200,7 @@ def test_ids_that_do_not_round_trip(key_type, key_id):
 @pytest.mark.parametrize("name", [
     "creds.json",
     codec.MANIFEST_FILE,
-    codec.TEMP_PREFIX + "pre-key-1.json",
+    fsutil.TEMP_PREFIX + "pre-key-1.json",
     "pre-key-1",
     "pre-key-1.json.bak",
     "pre-key-1.JSON",
