@@ -11,6 +11,7 @@ PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resol
 sys.path.insert(0, str(PROJECT / "tests"))
 
 import molecule_seed  # noqa: E402
+from molecule_cron import cron_job, run, run_like_cron  # noqa: E402,F401  (used by the test modules)
 
 SEED = molecule_seed.expected()
 # testinfra's ansible backend has no podman support: it would run every check as an ansible ad-hoc
@@ -29,40 +30,6 @@ BACKUP_CRON = "/etc/cron.d/baileys-resilience-backup"
 CLEANUP_CRON = "/etc/cron.d/baileys-resilience-cleanup"
 PREFIX = "baileys-auth"
 DUMP_RE = re.compile(r"^%s-(\d{8}T\d{6}Z)\.dump$" % re.escape(PREFIX))
-
-
-def run(host, cmd, ok=True):
-    """``host.run`` that fails the test with the output when ``ok`` and the command failed."""
-    result = host.run(cmd)
-    if ok:
-        assert result.rc == 0, "%s\nrc=%s\nstdout:\n%s\nstderr:\n%s" % (cmd, result.rc, result.stdout, result.stderr)
-    return result
-
-
-def cron_job(host, cron_file, name):
-    """``(environment, schedule, user, command)`` of the job ``#Ansible: <name>`` in a cron.d file."""
-    lines = host.file(cron_file).content_string.splitlines()
-    env = {}
-    for i, line in enumerate(lines):
-        m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", line)
-        if m:
-            env[m.group(1)] = m.group(2).strip().strip('"')
-        if line.strip() == "#Ansible: %s" % name:
-            fields = lines[i + 1].split(None, 6)
-            assert len(fields) == 7, lines[i + 1]
-            return env, " ".join(fields[:5]), fields[5], fields[6]
-    raise AssertionError("no job %r in %s:\n%s" % (name, cron_file, "\n".join(lines)))
-
-
-def run_like_cron(host, cron_file, name):
-    """Run a job's command exactly as cron does: ``/bin/sh -c`` as root, with cron's small environment."""
-    env, _schedule, user, command = cron_job(host, cron_file, name)
-    assert user == "root"
-    cron_env = {"HOME": "/root", "LOGNAME": "root", "USER": "root", "SHELL": "/bin/sh",
-                "PATH": env.get("PATH", "/usr/bin:/bin")}
-    cron_env.update({k: v for k, v in env.items() if k != "PATH"})
-    assigns = " ".join("%s=%s" % (k, shlex.quote(v)) for k, v in sorted(cron_env.items()))
-    return host.run("env -i %s /bin/sh -c %s" % (assigns, shlex.quote(command))), command
 
 
 def psql(host, query):
