@@ -127,23 +127,39 @@ build_pg18
 
 # ---------------------------------------------------------------- 4. apt mirror
 DEBIAN_MIRROR=$DEBIAN_MIRROR bash tests/apt-mirror/build.sh "$CACHE/apt-mirror"
-# the serving container is recreated when the port or the repository changed
-mirror_id="$MIRROR_PORT-$(cat "$CACHE/apt-mirror/.build-hash")"
-if ! podman container exists "$MIRROR_CONTAINER" \
-    || [ "$(podman container inspect --format '{{.State.Running}}' "$MIRROR_CONTAINER")" != true ] \
-    || [ "$(podman container inspect --format "{{ index .Config.Labels \"$LABEL\" }}" "$MIRROR_CONTAINER")" \
-         != "$mirror_id" ]; then
-    podman rm -f "$MIRROR_CONTAINER" >/dev/null 2>&1 || true
-    log "starting $MIRROR_CONTAINER on port $MIRROR_PORT (host network)"
-    podman run -d --name "$MIRROR_CONTAINER" --network host --restart always \
-        --label "$LABEL=$mirror_id" -v "$CACHE/apt-mirror/repo:/srv:ro,Z" \
-        "$IMG_PREFIX/trixie:latest" python3 -m http.server "$MIRROR_PORT" --directory /srv >/dev/null
-fi
-for _ in $(seq 1 50); do
-    python3 - "$MIRROR_PORT" <<'EOF' && break
+# The serving container is (re)created when it does not answer, or when the port, the repository or
+# the checkout it serves changed. Podman's own "running" state is not trusted: on a machine restored
+# from a snapshot it reports a container as up whose process is long gone.
+mirror_id="$MIRROR_PORT-$(cat "$CACHE/apt-mirror/.build-hash")-$CACHE"
+mirror_answers() {
+    python3 - "$MIRROR_PORT" 2>/dev/null <<'EOF'
 import sys, urllib.request
 urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/pgdg-test.asc", timeout=1).read()
 EOF
+}
+if ! podman container exists "$MIRROR_CONTAINER" \
+    || [ "$(podman container inspect --format "{{ index .Config.Labels \"$LABEL\" }}" "$MIRROR_CONTAINER")" \
+         != "$mirror_id" ] \
+    || ! mirror_answers; then
+    podman rm -f -t 0 "$MIRROR_CONTAINER" >/dev/null 2>&1 || true
+    if podman container exists "$MIRROR_CONTAINER"; then
+        die "cannot remove the stale container $MIRROR_CONTAINER (podman rm -f $MIRROR_CONTAINER)"
+    fi
+    if mirror_answers; then
+        die "port $MIRROR_PORT already serves something else; set BAILEYS_MIRROR_PORT to a free port"
+    fi
+    log "starting $MIRROR_CONTAINER on port $MIRROR_PORT (host network)"
+    podman run -d --name "$MIRROR_CONTAINER" --network host \
+        --label "$LABEL=$mirror_id" -v "$CACHE/apt-mirror/repo:/srv:ro,Z" \
+        "$IMG_PREFIX/trixie:latest" python3 -m http.server "$MIRROR_PORT" --directory /srv >/dev/null
+fi
+ready=false
+for _ in $(seq 1 100); do
+    if mirror_answers; then ready=true; break; fi
     sleep 0.2
 done
+if [ "$ready" != true ]; then
+    podman logs --tail 20 "$MIRROR_CONTAINER" >&2 || true
+    die "the apt mirror container $MIRROR_CONTAINER does not answer on http://127.0.0.1:$MIRROR_PORT/"
+fi
 log "ready: images $IMG_PREFIX/{bookworm,trixie,pg18}:latest, mirror http://host.containers.internal:$MIRROR_PORT"
