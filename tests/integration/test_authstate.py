@@ -459,3 +459,105 @@ def test_array_encoding_refuses_invalid_base64_naming_the_file(db, dbconn, tmp_p
         authstate.import_auth_state(db, {}, str(tmp_path), buffer_encoding="array")
     assert str(bad) in str(err.value) and "not valid base64" in str(err.value)
     assert dbconn.execute("SELECT count(*) FROM whatsapp_auth").fetchone()[0] == 0
+
+
+def _spy_direct(monkeypatch, force=None):
+    """Record what _copy_directly decided (or force its answer) for each attempt."""
+    seen = []
+    real = authstate._copy_directly
+
+    def spy(cur, store, company_ids):
+        answer = real(cur, store, company_ids) if force is None else force
+        seen.append(answer)
+        return answer
+
+    monkeypatch.setattr(authstate, "_copy_directly", spy)
+    return seen
+
+
+def test_import_into_empty_store_copies_rows_directly(db, dbconn, tmp_path, monkeypatch):
+    data = generate(2, seed=21, form="base64", mix=SMALL_MIX)
+    load_into(dbconn, data)
+    export(db, tmp_path)
+    before = store_rows(dbconn)
+    dbconn.execute("DELETE FROM whatsapp_keys")
+    dbconn.execute("DELETE FROM whatsapp_auth")
+    dbconn.commit()
+    seen = _spy_direct(monkeypatch)
+    res = authstate.import_auth_state(db, {}, str(tmp_path))
+    assert seen == [True]
+    assert res["totals"]["inserted"] == res["totals"]["keys"] == len(before[1])
+    assert [c["creds"] for c in res["companies"]] == ["inserted", "inserted"]
+    assert store_rows(dbconn) == before
+    # the table's defaults filled the timestamps, as the upsert's now() does
+    stamps = dbconn.execute("SELECT count(*) FROM whatsapp_keys WHERE created_at = updated_at "
+                            "AND updated_at > now() - interval '1 hour'").fetchone()[0]
+    dbconn.commit()
+    assert stamps == len(before[1])
+    # the second run finds the rows and upserts: nothing changes
+    again = authstate.import_auth_state(db, {}, str(tmp_path))
+    assert seen == [True, False] and not again["changed"]
+
+
+def test_import_into_empty_store_refuses_bad_json_and_writes_nothing(db, dbconn, tmp_path, monkeypatch):
+    load_into(dbconn, generate(1, seed=22, mix=SMALL_MIX))
+    export(db, tmp_path)
+    dbconn.execute("DELETE FROM whatsapp_keys")
+    dbconn.execute("DELETE FROM whatsapp_auth")
+    dbconn.commit()
+    (tmp_path / "company-001" / "pre-key-1.json").write_text('{"private": ')
+    seen = _spy_direct(monkeypatch)
+    with pytest.raises(authstate.ValidationError, match="pre-key-1.json.*bad JSON"):
+        authstate.import_auth_state(db, {}, str(tmp_path))
+    assert seen[0] is True
+    assert store_rows(dbconn) == ({}, {})
+
+
+def test_import_retries_with_upsert_when_rows_appear_after_the_check(db, dbconn, tmp_path, monkeypatch):
+    """Another writer's rows between the emptiness check and the COPY: unique violation, then the upsert."""
+    load_into(dbconn, generate(1, seed=23, form="base64", mix=SMALL_MIX))
+    export(db, tmp_path)
+    dbconn.execute("DELETE FROM whatsapp_keys WHERE key_type <> 'pre-key'")
+    dbconn.execute("UPDATE whatsapp_keys SET value = '{\"stale\": true}' WHERE key_id = '1'")
+    dbconn.commit()
+    keys_before = _count(dbconn)
+    seen = _spy_direct(monkeypatch, force=True)  # as if the rows were written after the check
+    res = authstate.import_auth_state(db, {}, str(tmp_path))
+    assert seen == [True]  # the retry does not ask again: it upserts
+    assert res["totals"]["updated"] == 1
+    assert res["totals"]["unchanged"] == keys_before - 1
+    assert res["totals"]["inserted"] == res["totals"]["keys"] - keys_before
+
+
+def test_import_upserts_when_the_table_has_no_timestamp_defaults(db, dbconn, tmp_path, monkeypatch):
+    load_into(dbconn, generate(1, seed=24, mix=SMALL_MIX))
+    export(db, tmp_path)
+    dbconn.execute("DELETE FROM whatsapp_keys")
+    dbconn.execute("ALTER TABLE whatsapp_keys ALTER COLUMN updated_at DROP DEFAULT")
+    dbconn.commit()
+    seen = _spy_direct(monkeypatch)
+    res = authstate.import_auth_state(db, {}, str(tmp_path))
+    assert seen == [False] and res["totals"]["inserted"] == res["totals"]["keys"]
+    assert dbconn.execute("SELECT count(*) FROM whatsapp_keys WHERE updated_at IS NULL").fetchone()[0] == 0
+    dbconn.commit()
+
+
+@pytest.mark.parametrize("size", [authstate._READ_SIZE - 1, authstate._READ_SIZE, authstate._READ_SIZE + 1,
+                                  3 * authstate._READ_SIZE + 7])
+def test_import_reads_files_of_any_size_whole(db, dbconn, tmp_path, size, monkeypatch):
+    def strict(*_a, **_k):
+        raise AssertionError("the fast reader refused a good file")
+
+    monkeypatch.setattr(authstate, "read_directory", strict)  # a truncated read would fall back to it
+    company = tmp_path / "acme"
+    company.mkdir()
+    (company / "creds.json").write_text('{"registered": true}')
+    head = '{"pad":"'
+    text = head + "x" * (size - len(head) - 2) + '"}'
+    assert len(text) == size
+    (company / "app-state-sync-version-regular.json").write_text(text)
+    res = authstate.import_auth_state(db, {}, str(tmp_path))
+    assert res["totals"]["inserted"] == 1
+    value = dbconn.execute("SELECT value FROM whatsapp_keys").fetchone()[0]
+    dbconn.commit()
+    assert value == json.loads(text)
