@@ -13,11 +13,15 @@ import errno
 import fcntl
 import grp
 import hashlib
+import itertools
 import json
 import os
 import pwd
+import queue
 import re
+import shutil
 import stat
+import threading
 import time
 
 from . import baileys_codec as codec
@@ -28,6 +32,8 @@ __metaclass__ = type
 
 MANIFEST_FORMAT = 1
 DIFF_LIMIT = 2000  # file names listed per company in diff output
+STAGING_PREFIX = fsutil.TEMP_PREFIX + "dir-"  # a new company directory while it is being written
+_staging_serial = itertools.count(1)
 FETCH_ROWS = 5000  # key rows per round trip when reading the store
 
 
@@ -134,14 +140,11 @@ def read_database(conn, store, companies=None):
         "SELECT company_id, key_type, key_id, value::text FROM {}{} ORDER BY company_id"
     ).format(store.keys, where)
     current = None
-    # A server-side cursor read in batches: psycopg hands COPY rows over one at a time, which
-    # costs about twice the client CPU for the same rows.
+    # A server-side cursor read in batches (psycopg hands COPY rows over one at a time, which costs
+    # about twice the client CPU), the next batch fetched while this one is being written out.
     with conn.cursor(name="br_read_keys") as cur:
         cur.execute(query, args)
-        while True:
-            batch = cur.fetchmany(FETCH_ROWS)
-            if not batch:
-                break
+        for batch in _prefetch(cur, FETCH_ROWS):
             for company_id, key_type, key_id, value in batch:
                 if current is None or current.company_id != company_id:
                     if current is not None:
@@ -153,6 +156,41 @@ def read_database(conn, store, companies=None):
         yield current
     for company_id in sorted(set(creds) - seen):
         yield CompanyState(company_id, creds[company_id])
+
+
+def _prefetch(cur, size):
+    """Yield ``cur.fetchmany(size)`` batches; a thread fetches the next batch while the caller works."""
+    batches = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def fetch():
+        try:
+            while not stop.is_set():
+                batch = cur.fetchmany(size)
+                batches.put(batch)
+                if not batch:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            batches.put(exc)
+
+    worker = threading.Thread(target=fetch, name="br-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            batch = batches.get()
+            if isinstance(batch, BaseException):
+                raise batch
+            if not batch:
+                return
+            yield batch
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a put() if the caller stopped early
+            try:
+                batches.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        worker.join()
 
 
 class snapshot_transaction:
@@ -301,18 +339,24 @@ def mirror_company(dest_fd, state, opts, snapshot):
     }
     if state.creds is None:
         warnings.append("company %r has keys but no creds row; creds.json is not written" % (company_id,))
-    try:
-        dir_fd, created = fsutil.open_dir(dir_name, create=not opts.check_mode, mode=opts.directory_mode,
-                                          parent_fd=dest_fd)
-    except FileNotFoundError:
-        if not opts.check_mode:
-            raise
-        dir_fd, created = None, True
-    except OSError as exc:
-        raise AuthStateError("cannot open %s: %s" % (result["directory"], exc.strerror or exc))
+    staging = None
+    dir_fd, created = None, True
+    if dest_fd is not None:  # None: check mode, and dest does not exist yet
+        try:
+            dir_fd, created = fsutil.open_dir(dir_name, parent_fd=dest_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise AuthStateError("cannot open %s: %s" % (result["directory"], exc.strerror or exc))
     result["created"] = created
     to_write, to_remove, meta_fix = [], [], []
     try:
+        if dir_fd is None and not opts.check_mode:
+            # A new company directory is built under a temporary name and renamed into place whole:
+            # a reader sees no directory or a complete one, so its files need no temporary names.
+            staging = "%s%d-%d" % (STAGING_PREFIX, os.getpid(), next(_staging_serial))
+            os.mkdir(staging, opts.directory_mode, dir_fd=dest_fd)
+            dir_fd = fsutil.open_dir(staging, parent_fd=dest_fd)[0]
         if dir_fd is not None:
             try:
                 fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -327,6 +371,9 @@ def mirror_company(dest_fd, state, opts, snapshot):
                     if opts.uid != -1 or opts.gid != -1:
                         os.fchown(dir_fd, opts.uid, opts.gid)
                     result["metadata_fixed"] += 0 if created else 1
+        if staging is not None:
+            manifest, old_files, existing = {}, {}, {}
+        elif dir_fd is not None:
             manifest = _load_manifest(dir_fd)
             old_files = manifest.get("files", {})
             existing = {}
@@ -417,7 +464,7 @@ def mirror_company(dest_fd, state, opts, snapshot):
             for name in to_remove:
                 os.unlink(name, dir_fd=dir_fd)
             # One flush for the files and the manifest; the manifest is renamed into place last.
-            writer = fsutil.BatchWriter(dir_fd, opts.mode, opts.uid, opts.gid)
+            writer = fsutil.BatchWriter(dir_fd, opts.mode, opts.uid, opts.gid, in_place=staging is not None)
             try:
                 for name, data in to_write:
                     writer.stage(name, data)
@@ -428,11 +475,21 @@ def mirror_company(dest_fd, state, opts, snapshot):
                     result["manifest_written"] = True
                 if len(writer):
                     writer.commit()
-                elif to_remove:
+                elif to_remove or staging is not None:
                     os.fsync(dir_fd)
             except BaseException:
                 writer.abort()
                 raise
+            if staging is not None:
+                try:
+                    fsutil.rename_noreplace(staging, dir_name, dest_fd)
+                except OSError as exc:
+                    if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise AuthStateError("%s appeared while it was being exported (another export?); "
+                                             "nothing in it was touched, run again" % result["directory"])
+                    raise
+                staging = None
+                os.fsync(dest_fd)
         result["changed"] = bool(to_write or to_remove or result["metadata_fixed"] or created
                                  or result.get("manifest_written"))
         if opts.diff:
@@ -447,6 +504,25 @@ def mirror_company(dest_fd, state, opts, snapshot):
     finally:
         if dir_fd is not None:
             os.close(dir_fd)
+        if staging is not None:  # failed before it was renamed into place
+            shutil.rmtree(os.path.join(opts.dest, staging), ignore_errors=True)
+
+
+def _remove_stale_staging(dest, dest_fd):
+    """Remove staging directories that interrupted exports left in ``dest``."""
+    with os.scandir(dest_fd) as it:
+        names = [e.name for e in it if e.name.startswith(STAGING_PREFIX) and e.is_dir(follow_symlinks=False)]
+    for name in names:
+        pid = name[len(STAGING_PREFIX):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # its export may still be running
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue
+        shutil.rmtree(os.path.join(dest, name), ignore_errors=True)
 
 
 def _manifest_differs(old, new):
@@ -484,6 +560,8 @@ def export_states(states, opts, snapshot):
         raise AuthStateError("dest %s is not writable by uid %d" % (dest, os.geteuid()))
     companies = []
     try:
+        if dest_fd is not None and not opts.check_mode and not dest_created:
+            _remove_stale_staging(dest, dest_fd)
         for state in states:
             try:
                 companies.append(mirror_company(dest_fd, state, opts, snapshot))
@@ -559,7 +637,7 @@ def _discover(src, template, company_id=None, companies=None):
     found = {}
     with os.scandir(src) as it:
         for entry in it:
-            if not entry.is_dir(follow_symlinks=False):
+            if not entry.is_dir(follow_symlinks=False) or entry.name.startswith(fsutil.TEMP_PREFIX):
                 continue
             cid = template.company(entry.name)
             if cid is None:
@@ -655,8 +733,9 @@ def read_directory(company_id, directory, encoding="base64", problems=None):
 # transaction is rolled back and every file is read again by the strict
 # reader, read_directory(), which lists each bad file.
 
-READ_THREADS = 2  # file readers: os.read releases the GIL, so reading overlaps the COPY
-READ_AHEAD = 6  # companies read ahead of the one being copied
+READ_THREADS = 4  # file readers once the files turn out not to be in the page cache
+READ_AHEAD = 8  # companies read ahead of the one being copied, then
+COLD_READ_SECONDS = 40e-6  # per file; slower means the reads wait for the disk (cached: about 12 us)
 IMPORT_TEMP_BUFFERS = "256MB"  # the temporary tables stay in memory instead of spilling
 
 _NEEDS_NORMALISE_BYTES = re.compile(codec._NEEDS_NORMALISE.pattern.encode("ascii"))
@@ -666,11 +745,6 @@ _READ_SIZE = 1 << 16
 
 class _NeedsStrictRead(Exception):
     """The fast reader met something it does not accept as is: read everything strictly."""
-
-
-def _needs_normalise(raw):
-    """codec._NEEDS_NORMALISE on bytes; both of its forms need a '[' or a '"0"', which are quick to rule out."""
-    return (b"[" in raw or b'"0"' in raw) and _NEEDS_NORMALISE_BYTES.search(raw) is not None
 
 
 _KEY_NAME = re.compile(r"(%s)-(.+)\.json\Z" % "|".join(re.escape(t) for t in codec._TYPES_LONGEST_FIRST), re.S)
@@ -717,20 +791,17 @@ def _from_state(state):
     return _CompanyData(state.company_id, len(state.keys), state.creds, b"\n".join(rows) if state.keys else b"")
 
 
-def _read_bytes(name, dir_fd):
-    fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
-    try:
+def _read_rest(fd, data):
+    """``data`` (a full first read of ``fd``) and the rest of the file.
+
+    The fast reader reads once: a short read of a regular file is its end, only a full
+    one can have more behind it.
+    """
+    chunks = [data]
+    while data:
         data = os.read(fd, _READ_SIZE)
-        if len(data) == _READ_SIZE:
-            # a short read of a regular file is its end: only a full one can have more behind it
-            chunks = [data]
-            while data:
-                data = os.read(fd, _READ_SIZE)
-                chunks.append(data)
-            data = b"".join(chunks)
-    finally:
-        os.close(fd)
-    return data
+        chunks.append(data)
+    return b"".join(chunks)
 
 
 def _read_directory_fast(company_id, directory, encoding):
@@ -752,30 +823,41 @@ def _read_directory_fast(company_id, directory, encoding):
         seen = set()
         creds = None
         needs_all = encoding != "base64"
-        parse_name = _parse_key_name
-        needs = _needs_normalise
+        # this loop runs once per file: everything it calls is bound locally and the common
+        # case (a short ASCII file needing neither normalisation nor COPY escapes) is inlined
+        parse_name, seen_add, append = _parse_key_name, seen.add, rows.append
+        legacy, escape = _NEEDS_NORMALISE_BYTES.search, _copy_field
+        open_, read, close, flags, size = os.open, os.read, os.close, _READ_FLAGS, _READ_SIZE
+        manifest, creds_file, temp_prefix = codec.MANIFEST_FILE, codec.CREDS_FILE, fsutil.TEMP_PREFIX
         types = {t: _copy_field(t.encode("ascii")) for t in codec.KEY_TYPES}
         for name, is_file in entries:
-            if name == codec.MANIFEST_FILE:
+            if name == manifest:
                 continue
-            if name.startswith(fsutil.TEMP_PREFIX):
+            if name.startswith(temp_prefix):
                 warnings.append("ignoring leftover temporary file %s" % os.path.join(directory, name))
                 continue
             if not is_file:
                 raise _NeedsStrictRead()
-            if name == codec.CREDS_FILE:
+            if name == creds_file:
                 key = None
             else:
                 key = parse_name(name)
                 if key in seen:
                     raise _NeedsStrictRead()
-                seen.add(key)
-            raw = _read_bytes(name, dir_fd)
+                seen_add(key)
+            fd = open_(name, flags, dir_fd=dir_fd)
+            try:
+                raw = read(fd, size)
+                if len(raw) == size:
+                    raw = _read_rest(fd, raw)
+            finally:
+                close(fd)
             if not raw.isascii():
                 raw.decode("utf-8")
             if b"\x00" in raw:
                 raise _NeedsStrictRead()
-            if needs_all or needs(raw):
+            # both legacy Buffer forms need a '[' or a '"0"': the regex runs only then
+            if needs_all or ((b"[" in raw or b'"0"' in raw) and legacy(raw) is not None):
                 value = codec.loads_strict(raw.decode("utf-8"))
                 if key is None and type(value) is not dict:
                     raise _NeedsStrictRead()
@@ -785,8 +867,9 @@ def _read_directory_fast(company_id, directory, encoding):
             if key is None:
                 creds = raw.decode("utf-8")
                 continue
-            rows.append((key, b"%s\t%s\t%s\t%s" % (cid, types[key[0]], _copy_field(key[1].encode("utf-8")),
-                                                     _copy_field(raw))))
+            if b"\\" in raw or b"\n" in raw or b"\t" in raw or b"\r" in raw:
+                raw = escape(raw)
+            append((key, b"%s\t%s\t%s\t%s" % (cid, types[key[0]], escape(key[1].encode("utf-8")), raw)))
     except (OSError, ValueError, UnicodeError):  # CodecError, JSON and UTF-8 errors are ValueErrors
         raise _NeedsStrictRead()
     finally:
@@ -804,18 +887,29 @@ def _first(item):
 
 
 def _read_all_fast(targets, encoding, threads=None):
-    """Yield :class:`_CompanyData` for ``targets`` in order, read ahead by a few threads."""
+    """Yield :class:`_CompanyData` for ``targets`` in order.
+
+    From the page cache, reading is CPU work that threads only slow down (they take turns
+    on the GIL), so companies are read here, one after the other. Once a company shows that
+    the files come from the disk (more than :data:`COLD_READ_SECONDS` a file), the rest are
+    read ahead by ``threads`` threads, whose reads then wait for the disk in parallel.
+    """
     threads = READ_THREADS if threads is None else threads
-    if threads <= 1 or len(targets) < 2:
-        for cid, directory in targets:
-            yield _read_directory_fast(cid, directory, encoding)
+    todo = iter(targets)
+    for cid, directory in todo:
+        started = time.monotonic()
+        data = _read_directory_fast(cid, directory, encoding)
+        cold = time.monotonic() - started > COLD_READ_SECONDS * (data.keys + 1)
+        yield data
+        if cold and threads >= 1:
+            break
+    else:
         return
     import collections
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(max_workers=threads)
     pending = collections.deque()
-    todo = iter(targets)
     try:
         for cid, directory in todo:
             pending.append(pool.submit(_read_directory_fast, cid, directory, encoding))

@@ -97,27 +97,30 @@ def round_trips(key_type, key_id):
         return False
 
 
-def _is_byte(value):
-    return type(value) is int and 0 <= value <= 255
+def _byte_values(items):
+    """``bytes(items)`` when every item is an int from 0 to 255 (not a bool), else None."""
+    try:
+        raw = bytes(items)  # checks the range in C
+    except (TypeError, ValueError):
+        return None
+    if raw and set(map(type, items)) != {int}:  # bytes() also takes bools and other int subclasses
+        return None
+    return raw
 
 
 def _as_buffer_bytes(value):
     """The bytes of a legacy Buffer form, or None when ``value`` is not one."""
     if type(value) is not dict:
         return None
-    if value.get("type") == "Buffer" and len(value) == 2 and isinstance(value.get("data"), list):
-        data = value["data"]
-        if all(_is_byte(b) for b in data):
-            return bytes(data)
-        return None
-    if value and all(type(k) is str and k.isdigit() and (k == "0" or k[0] != "0") for k in value):
-        n = len(value)
+    if value.get("type") == "Buffer" and len(value) == 2 and type(value.get("data")) is list:
+        return _byte_values(value["data"])
+    if "0" in value:
+        # numeric-keyed: exactly the keys "0" .. "n-1" (the dict has n keys and all of them are there)
         try:
-            ordered = [value[str(i)] for i in range(n)]
+            ordered = [value[str(i)] for i in range(len(value))]
         except KeyError:
-            return None  # not contiguous from 0: not a Buffer we recognise
-        if all(_is_byte(b) for b in ordered):
-            return bytes(ordered)
+            return None  # other keys too, or not contiguous from 0: not a Buffer we recognise
+        return _byte_values(ordered)
     return None
 
 

@@ -28,11 +28,14 @@ TEMP_PREFIX = ".baileys-resilience-tmp-"
 
 _libc = None
 _syncfs = None
+_renameat2 = None
 try:  # pragma: no branch
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     _syncfs = getattr(_libc, "syncfs", None)
+    _renameat2 = getattr(_libc, "renameat2", None)  # glibc 2.28+
 except OSError:  # pragma: no cover
     _syncfs = None
+_RENAME_NOREPLACE = 1
 
 
 class FsError(OSError):
@@ -86,6 +89,27 @@ def atomic_write(path, data, mode=0o600, uid=-1, gid=-1):
     fsync_dir(directory)
 
 
+def rename_noreplace(src, dst, dir_fd):
+    """Rename ``src`` to ``dst`` (both in ``dir_fd``), failing with EEXIST when ``dst`` exists.
+
+    Uses ``renameat2(RENAME_NOREPLACE)``; where the C library or the filesystem lacks it,
+    checks first and renames (a plain rename would replace an empty directory).
+    """
+    if _renameat2 is not None:
+        ret = _renameat2(dir_fd, os.fsencode(src), dir_fd, os.fsencode(dst), _RENAME_NOREPLACE)
+        if ret == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), dst)
+    try:
+        os.lstat(dst, dir_fd=dir_fd)
+    except FileNotFoundError:
+        os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return
+    raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+
+
 def _unlink_quiet(path, dir_fd=None):
     try:
         os.unlink(path, dir_fd=dir_fd)
@@ -119,13 +143,18 @@ class BatchWriter:
     staged and fsyncs the directory.  ``abort()`` removes the temporary files.
     ``mtime_ns[name]`` is the modification time of each staged file, taken
     before it is closed: the rename keeps it.
+
+    With ``in_place``, files are written under their final names: only for a
+    staging directory that no reader can see yet and that is itself renamed
+    into place once committed (see :func:`rename_noreplace`).
     """
 
-    def __init__(self, dir_fd, mode=0o600, uid=-1, gid=-1):
+    def __init__(self, dir_fd, mode=0o600, uid=-1, gid=-1, in_place=False):
         self.dir_fd = dir_fd
         self.mode = mode
         self.uid = uid
         self.gid = gid
+        self.in_place = in_place
         self.mtime_ns = {}
         self._staged = []  # (tmp, final)
         self._serial = 0
@@ -133,7 +162,7 @@ class BatchWriter:
 
     def stage(self, name, data):
         self._serial += 1
-        tmp = "%s%d-%d" % (TEMP_PREFIX, self._pid, self._serial)
+        tmp = name if self.in_place else "%s%d-%d" % (TEMP_PREFIX, self._pid, self._serial)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, self.mode,
                      dir_fd=self.dir_fd)
         try:
@@ -162,7 +191,8 @@ class BatchWriter:
         syncfs(self.dir_fd)  # one flush for all staged files (no-op fallback: fsynced at stage)
         done = []
         for tmp, final in self._staged:
-            os.rename(tmp, final, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            if tmp != final:
+                os.rename(tmp, final, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
             done.append(final)
         self._staged = []
         os.fsync(self.dir_fd)

@@ -334,7 +334,11 @@ def test_company_dir_template(db, dbconn, tmp_path):
 
 
 def test_interrupted_export_leaves_no_half_file_and_next_run_completes(db, dbconn, tmp_path, monkeypatch):
-    load_into(dbconn, generate(1, seed=13, mix=SMALL_MIX))
+    """An update of an existing company directory killed among its renames."""
+    load_into(dbconn, generate(1, seed=13, form="base64", mix=SMALL_MIX))
+    export(db, tmp_path)
+    dbconn.execute("UPDATE whatsapp_keys SET value = jsonb_build_object('v', key_id)")
+    dbconn.commit()
     calls = {"n": 0}
     real_rename = os.rename
 
@@ -350,13 +354,64 @@ def test_interrupted_export_leaves_no_half_file_and_next_run_completes(db, dbcon
     monkeypatch.setattr(fsutil.os, "rename", real_rename)
     company = tmp_path / "company-001"
     names = os.listdir(company)
-    assert codec.MANIFEST_FILE not in names  # the manifest is written last
     assert not [n for n in names if n.startswith(fsutil.TEMP_PREFIX)]
-    for name in names:  # every file present is whole
-        json.loads((company / name).read_text())
+    new = old = 0
+    for name in names:  # every file present is whole: the old version or the new one
+        value = json.loads((company / name).read_text())
+        if name not in (codec.MANIFEST_FILE, codec.CREDS_FILE):
+            new, old = (new + 1, old) if set(value) == {"v"} else (new, old + 1)
+    assert new == 39 and old > 0
+    manifest = json.loads((company / codec.MANIFEST_FILE).read_text())  # renamed last: still the old one
+    assert set(manifest["files"]) == set(names) - {codec.MANIFEST_FILE}
     res = export(db, tmp_path)
-    assert res["changed"] and res["totals"]["written"] == res["totals"]["keys"] + 1 - 39
+    assert res["changed"] and res["totals"]["written"] == res["totals"]["keys"] - 39
     assert not export(db, tmp_path)["changed"]
+
+
+def test_interrupted_export_of_a_new_company_leaves_no_directory(db, dbconn, tmp_path, monkeypatch):
+    """A new company directory is built under a staging name: killed half way, no company directory
+    exists at all; the next export removes the staging directory and writes the company whole."""
+    load_into(dbconn, generate(1, seed=13, mix=SMALL_MIX))
+    calls = {"n": 0}
+    real_write = os.write
+
+    def flaky_write(*args):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise KeyboardInterrupt("simulated kill")
+        return real_write(*args)
+
+    monkeypatch.setattr(fsutil.os, "write", flaky_write)
+    monkeypatch.setattr(authstate.shutil, "rmtree", lambda *a, **k: None)  # as after SIGKILL: nothing cleans up
+    with pytest.raises(KeyboardInterrupt):
+        export(db, tmp_path)
+    monkeypatch.undo()
+    left = os.listdir(tmp_path)
+    assert len(left) == 1 and left[0].startswith(authstate.STAGING_PREFIX)  # no company-001
+    with pytest.raises(authstate.AuthStateError, match="no company directories"):
+        authstate.import_auth_state(db, {}, str(tmp_path))  # import never takes it for a company
+    res = export(db, tmp_path)
+    assert res["changed"] and res["totals"]["written"] == res["totals"]["keys"] + 1
+    assert os.listdir(tmp_path) == ["company-001"]
+    assert not export(db, tmp_path)["changed"]
+
+
+def test_new_company_directory_that_appears_meanwhile_is_not_replaced(db, dbconn, tmp_path, monkeypatch):
+    load_into(dbconn, generate(1, seed=14, mix=SMALL_MIX))
+    real_open_dir = fsutil.open_dir
+
+    def racing_open_dir(path, *args, **kwargs):
+        fd = real_open_dir(path, *args, **kwargs)
+        if path.startswith(authstate.STAGING_PREFIX):  # someone else creates it after our check
+            os.mkdir(tmp_path / "company-001")
+            (tmp_path / "company-001" / "theirs.txt").write_text("keep me")
+        return fd
+
+    monkeypatch.setattr(fsutil, "open_dir", racing_open_dir)
+    with pytest.raises(authstate.AuthStateError, match="appeared while it was being exported"):
+        export(db, tmp_path)
+    assert os.listdir(tmp_path) == ["company-001"]  # our staging directory is gone
+    assert os.listdir(tmp_path / "company-001") == ["theirs.txt"]
 
 
 def test_leftover_temp_files_are_cleaned(db, dbconn, tmp_path):
