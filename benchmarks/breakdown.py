@@ -8,7 +8,7 @@ Run after ``benchmarks/run.py --keep`` (it reuses benchmarks/.data):
   strict read      read_directory() for every company (open, read, strict JSON parse, checks): the
                    fallback that lists bad files
   read+loads       the naive reader: open, read, json.loads, nothing else
-  ours: db only    import_states() with the states already in memory, fresh database
+  ours: db only    the import's COPY with the rows already in memory, fresh database
   naive: db only   the 100-row INSERT ... ON CONFLICT batches from rows already in memory, fresh database
 """
 from __future__ import annotations
@@ -62,7 +62,8 @@ def db_ours(params, datas):
     with conn.transaction():
         conn.execute("SET LOCAL temp_buffers = '%s'" % authstate.IMPORT_TEMP_BUFFERS)
         authstate._apply(conn, pgconn.Store(), [authstate._CompanyData(d.company_id, d.keys, d.creds, d.copy)
-                                                for d in datas], check_creds=True)
+                                                for d in datas], check_creds=True,
+                         company_ids=[d.company_id for d in datas])
     conn.close()
 
 

@@ -804,6 +804,32 @@ def _read_rest(fd, data):
     return b"".join(chunks)
 
 
+_KEY_NAMES = re.compile(r"^(%s)-(.+)\.json$" % "|".join(re.escape(t) for t in codec._TYPES_LONGEST_FIRST), re.M)
+
+
+def _parse_key_names(names):
+    """``[(key_type, key_id)]`` for ``names`` (key file names), or None when one is not a key file name.
+
+    One regex pass over all the names instead of one call per name: the same result as
+    :func:`_parse_key_name` on each.
+    """
+    if not names:
+        return []
+    joined = "\n".join(names)
+    if joined.count("\n") != len(names) - 1 or "\r" in joined:  # a name with a line break: one at a time
+        try:
+            return [_parse_key_name(n) for n in names]
+        except codec.CodecError:
+            return None
+    found = _KEY_NAMES.findall(joined)
+    if len(found) != len(names):
+        return None
+    if "sender-key-" in joined or "app-state-sync-key-" in joined:
+        found = [(t, i.replace("--", "::")) if t == "sender-key" else
+                 (t, i.replace("__", "/")) if t == "app-state-sync-key" else (t, i) for t, i in found]
+    return found
+
+
 def _read_directory_fast(company_id, directory, encoding):
     """Read one company directory for COPY; raise :class:`_NeedsStrictRead` on anything unusual.
 
@@ -816,35 +842,42 @@ def _read_directory_fast(company_id, directory, encoding):
         raise _NeedsStrictRead()
     warnings = []
     try:
+        names = []
+        has_creds = False
+        manifest, creds_file, temp_prefix = codec.MANIFEST_FILE, codec.CREDS_FILE, fsutil.TEMP_PREFIX
         with os.scandir(dir_fd) as it:
-            entries = sorted((e.name, e.is_file(follow_symlinks=False)) for e in it)
+            for entry in it:
+                name = entry.name
+                if name == manifest:
+                    continue
+                if name.startswith(temp_prefix):
+                    warnings.append("ignoring leftover temporary file %s" % os.path.join(directory, name))
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    raise _NeedsStrictRead()
+                if name == creds_file:
+                    has_creds = True
+                else:
+                    names.append(name)
+        keys = _parse_key_names(names)
+        if keys is None or len(set(keys)) != len(keys):  # an unknown name, or two names for one key
+            raise _NeedsStrictRead()
         cid = _copy_field(company_id.encode("utf-8"))
+        joined = "\n".join(names)
+        ids_plain = not ("\\" in joined or "\t" in joined or "\r" in joined or joined.count("\n") != len(names) - 1)
         rows = []
-        seen = set()
         creds = None
         needs_all = encoding != "base64"
         # this loop runs once per file: everything it calls is bound locally and the common
         # case (a short ASCII file needing neither normalisation nor COPY escapes) is inlined
-        parse_name, seen_add, append = _parse_key_name, seen.add, rows.append
+        append = rows.append
         legacy, escape = _NEEDS_NORMALISE_BYTES.search, _copy_field
         open_, read, close, flags, size = os.open, os.read, os.close, _READ_FLAGS, _READ_SIZE
-        manifest, creds_file, temp_prefix = codec.MANIFEST_FILE, codec.CREDS_FILE, fsutil.TEMP_PREFIX
         types = {t: _copy_field(t.encode("ascii")) for t in codec.KEY_TYPES}
-        for name, is_file in entries:
-            if name == manifest:
-                continue
-            if name.startswith(temp_prefix):
-                warnings.append("ignoring leftover temporary file %s" % os.path.join(directory, name))
-                continue
-            if not is_file:
-                raise _NeedsStrictRead()
-            if name == creds_file:
-                key = None
-            else:
-                key = parse_name(name)
-                if key in seen:
-                    raise _NeedsStrictRead()
-                seen_add(key)
+        if has_creds:
+            names.append(creds_file)
+            keys.append(None)
+        for name, key in zip(names, keys):
             fd = open_(name, flags, dir_fd=dir_fd)
             try:
                 raw = read(fd, size)
@@ -869,16 +902,18 @@ def _read_directory_fast(company_id, directory, encoding):
                 continue
             if b"\\" in raw or b"\n" in raw or b"\t" in raw or b"\r" in raw:
                 raw = escape(raw)
-            append((key, b"%s\t%s\t%s\t%s" % (cid, types[key[0]], escape(key[1].encode("utf-8")), raw)))
+            key_id = key[1].encode("utf-8")
+            append((key, b"%s\t%s\t%s\t%s" % (cid, types[key[0]], key_id if ids_plain else escape(key_id), raw)))
     except (OSError, ValueError, UnicodeError):  # CodecError, JSON and UTF-8 errors are ValueErrors
         raise _NeedsStrictRead()
     finally:
         os.close(dir_fd)
-    # in primary key order (file names sort almost so): the upsert then walks the index in order
+    # in primary key order: the index is then filled in order
     rows.sort(key=_first)
     lines = [row for _key, row in rows]
     if lines:
         lines.append(b"")
+    warnings.sort()
     return _CompanyData(company_id, len(rows), creds, b"\n".join(lines), warnings)
 
 

@@ -616,3 +616,22 @@ def test_import_reads_files_of_any_size_whole(db, dbconn, tmp_path, size, monkey
     value = dbconn.execute("SELECT value FROM whatsapp_keys").fetchone()[0]
     dbconn.commit()
     assert value == json.loads(text)
+
+
+def test_import_fast_reader_escapes_key_ids_for_copy(db, dbconn, tmp_path, monkeypatch):
+    """Key ids with a backslash, a tab or a line break travel through COPY's text format intact."""
+    def strict(*_a, **_k):
+        raise AssertionError("the fast reader refused good files")
+
+    monkeypatch.setattr(authstate, "read_directory", strict)
+    company = tmp_path / "acme"
+    company.mkdir()
+    (company / "creds.json").write_text('{"registered": true}')
+    ids = ["a\\b", "c\td", "e\nf", "g\rh", "plain"]
+    for n, key_id in enumerate(ids):
+        (company / ("device-list-%s.json" % key_id)).write_text('{"n": %d, "s": "x\\\\ty\\ny"}' % n)
+    res = authstate.import_auth_state(db, {}, str(tmp_path))
+    assert res["totals"]["inserted"] == len(ids)
+    rows = dict(dbconn.execute("SELECT key_id, value FROM whatsapp_keys").fetchall())
+    dbconn.commit()
+    assert rows == {key_id: {"n": n, "s": "x\\ty\ny"} for n, key_id in enumerate(ids)}
