@@ -358,22 +358,27 @@ def main(argv=None):
         else:
             log("page cache: %s" % ("dropped before each run" if cache_dropped else "warm (see --drop-caches)"))
 
-        def measure(label, fn, setup=None, cleanup=None):
-            times = []
+        def run_once(label, fn, i, setup=None, cleanup=None):
+            arg = setup(i) if setup else None
+            settle(admin)
+            if cache_dropped:
+                drop_page_cache()
+            with Timer() as t:
+                out = fn(arg)
+            entry = results.setdefault(label, {"times": []})
+            entry["times"].append((t.wall, t.cpu))
+            best = min(entry["times"])
+            entry.update(best=best[0], cpu=best[1], runs=[w for w, _c in entry["times"]])
+            log("%-16s run %d: %.2fs wall, %.2fs client CPU -> %s" % (label, i + 1, t.wall, t.cpu, out))
+            if cleanup:
+                cleanup(arg, i)
+
+        def rounds(*variants):
+            """Run every variant once per round, the order reversed every other round: slow drift of
+            the machine during the run (file system state, other load) then weighs on all of them."""
             for i in range(args.repeat):
-                arg = setup(i) if setup else None
-                settle(admin)
-                if cache_dropped:
-                    drop_page_cache()
-                with Timer() as t:
-                    out = fn(arg)
-                times.append((t.wall, t.cpu))
-                log("%-16s run %d: %.2fs wall, %.2fs client CPU -> %s" % (label, i + 1, t.wall, t.cpu, out))
-                if cleanup:
-                    cleanup(arg, i)
-            best = min(times)
-            results[label] = {"best": best[0], "cpu": best[1], "runs": [w for w, _c in times]}
-            return best[0]
+                for variant in (variants if i % 2 == 0 else variants[::-1]):
+                    run_once(variant[0], *variant[1:2], i, *variant[2:])
 
         def fresh_dir(tag):
             def setup(i):
@@ -386,21 +391,19 @@ def main(argv=None):
             discard(path)
 
         # ---- export side
-        measure("raw limit", lambda d: raw_limit_export(src_params, d), fresh_dir("raw"), drop_dir)
-        measure("naive export", lambda d: naive_export(src_params, d), fresh_dir("naive"), drop_dir)
         export_dirs = []
 
-        def keep_dir(path, i):
-            export_dirs.append(path)
-            if i < args.repeat - 1:
-                pass  # kept: the last one feeds the no-op export and the imports
+        def keep_dir(path, _i):
+            export_dirs.append(path)  # the last one feeds the no-op export and the imports
 
-        measure("export cold", lambda d: our_export(src_params, d), fresh_dir("export"), keep_dir)
-        files = os.path.join(work, "export-%d" % (args.repeat - 1))
+        rounds(("raw limit", lambda d: raw_limit_export(src_params, d), fresh_dir("raw"), drop_dir),
+               ("naive export", lambda d: naive_export(src_params, d), fresh_dir("naive"), drop_dir),
+               ("export cold", lambda d: our_export(src_params, d), fresh_dir("export"), keep_dir))
+        files = export_dirs[-1]
         for path in export_dirs[:-1]:
             discard(path)
         log("export output: %d files (manifests excluded)" % count_files(files))
-        measure("export no-op", lambda _: our_export(src_params, files))
+        rounds(("export no-op", lambda _: our_export(src_params, files)))
 
         # ---- import side
         def fresh_db(tag):
@@ -411,14 +414,13 @@ def main(argv=None):
         def drop_db(params, _i):
             admin.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % params["login_db"])
 
-        measure("naive import", lambda p: naive_import(p, files), fresh_db("naive"), drop_db)
         imported = []
-        measure("import cold", lambda p: our_import(p, files), fresh_db("import"),
-                lambda p, i: imported.append(p))
+        rounds(("naive import", lambda p: naive_import(p, files), fresh_db("naive"), drop_db),
+               ("import cold", lambda p: our_import(p, files), fresh_db("import"), lambda p, i: imported.append(p)))
         target_db = imported[-1]
         for p in imported[:-1]:
             drop_db(p, 0)
-        measure("import no-op", lambda _: our_import(target_db, files))
+        rounds(("import no-op", lambda _: our_import(target_db, files)))
         # check the round trip: the imported database holds the same rows (values normalised)
         conn = pgconn.connect(target_db)
         n_imported = conn.execute("SELECT count(*) FROM whatsapp_keys").fetchone()[0]

@@ -318,8 +318,12 @@ def _file_text(source_text):
     return codec.file_text(source_text)[0]
 
 
-def mirror_company(dest_fd, state, opts, snapshot):
-    """Make ``dest/<company dir>`` mirror one company's state.  Returns a result dict."""
+def mirror_company(dest_fd, state, opts, snapshot, publisher=None):
+    """Make ``dest/<company dir>`` mirror one company's state.  Returns a result dict.
+
+    A new company directory is handed to ``publisher`` (a :class:`_Publisher`), which makes
+    it durable and renames it into place; without one, that happens before this returns.
+    """
     company_id = check_company_id(state.company_id)
     dir_name = opts.template.name(company_id)
     warnings = []
@@ -473,23 +477,20 @@ def mirror_company(dest_fd, state, opts, snapshot):
                     data = (json.dumps(manifest_body, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")
                     writer.stage(codec.MANIFEST_FILE, data)
                     result["manifest_written"] = True
-                if len(writer):
-                    writer.commit()
-                elif to_remove or staging is not None:
-                    os.fsync(dir_fd)
+                if staging is None:
+                    if len(writer):
+                        writer.commit()
+                    elif to_remove:
+                        os.fsync(dir_fd)
             except BaseException:
                 writer.abort()
                 raise
             if staging is not None:
-                try:
-                    fsutil.rename_noreplace(staging, dir_name, dest_fd)
-                except OSError as exc:
-                    if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                        raise AuthStateError("%s appeared while it was being exported (another export?); "
-                                             "nothing in it was touched, run again" % result["directory"])
-                    raise
-                staging = None
-                os.fsync(dest_fd)
+                # flushed and renamed into place by the publisher while the next company is written
+                publisher = publisher or _Publisher(opts.dest, dest_fd, synchronous=True)
+                publisher.submit(dir_fd, staging, dir_name, result["directory"])
+                dir_fd = staging = None  # the publisher owns them now
+                publisher.check()
         result["changed"] = bool(to_write or to_remove or result["metadata_fixed"] or created
                                  or result.get("manifest_written"))
         if opts.diff:
@@ -506,6 +507,88 @@ def mirror_company(dest_fd, state, opts, snapshot):
             os.close(dir_fd)
         if staging is not None:  # failed before it was renamed into place
             shutil.rmtree(os.path.join(opts.dest, staging), ignore_errors=True)
+
+
+class _Publisher:
+    """Flush new company directories and rename them into place, in a background thread.
+
+    ``submit`` hands over a staging directory whose files are written but not yet flushed.
+    The thread takes every directory submitted so far, makes them durable with one
+    ``syncfs`` (which covers the files and the directories), renames each into place
+    (never over an existing one) and fsyncs ``dest``: while the disk works, the caller
+    writes the next company. ``close`` waits for all of it and raises the first error;
+    a directory that could not be published is removed.
+    """
+
+    def __init__(self, dest, dest_fd, synchronous=False):
+        self.dest = dest
+        self.dest_fd = dest_fd
+        self.synchronous = synchronous
+        self.error = None
+        self._queue = queue.Queue()
+        self._thread = None
+        if not synchronous:
+            self._thread = threading.Thread(target=self._run, name="br-publish", daemon=True)
+            self._thread.start()
+
+    def submit(self, dir_fd, staging, final, directory):
+        if self.synchronous:
+            self._publish([(dir_fd, staging, final, directory)])
+        else:
+            self._queue.put((dir_fd, staging, final, directory))
+
+    def check(self):
+        """Raise the first error of the thread, if any."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self, abort=False):
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if not abort:
+            self.check()
+
+    def _run(self):
+        while True:
+            batch = [self._queue.get()]
+            while batch[-1] is not None:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            items = [item for item in batch if item is not None]
+            if items:
+                self._publish(items)
+            if batch[-1] is None:
+                return
+
+    def _publish(self, items):
+        done = 0
+        try:
+            if self.error is None:
+                if not fsutil.syncfs(items[0][0]):  # no syncfs: the files were fsynced as they were written
+                    for dir_fd, _staging, _final, _directory in items:
+                        os.fsync(dir_fd)
+                for _dir_fd, staging, final, directory in items:
+                    try:
+                        fsutil.rename_noreplace(staging, final, self.dest_fd)
+                    except OSError as exc:
+                        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                            raise AuthStateError("%s appeared while it was being exported (another export?); "
+                                                 "nothing in it was touched, run again" % directory)
+                        raise
+                    done += 1
+                os.fsync(self.dest_fd)
+        except BaseException as exc:  # noqa: BLE001 - reported by check()/close() in the caller's thread
+            if self.error is None:
+                self.error = exc
+        finally:
+            for n, (dir_fd, staging, _final, _directory) in enumerate(items):
+                os.close(dir_fd)
+                if n >= done:
+                    shutil.rmtree(os.path.join(self.dest, staging), ignore_errors=True)
 
 
 def _remove_stale_staging(dest, dest_fd):
@@ -559,17 +642,24 @@ def export_states(states, opts, snapshot):
         os.close(dest_fd)
         raise AuthStateError("dest %s is not writable by uid %d" % (dest, os.geteuid()))
     companies = []
+    publisher = None
     try:
-        if dest_fd is not None and not opts.check_mode and not dest_created:
-            _remove_stale_staging(dest, dest_fd)
-        for state in states:
-            try:
-                companies.append(mirror_company(dest_fd, state, opts, snapshot))
-            except OSError as exc:
-                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
-                    raise AuthStateError("cannot write under %s: %s" % (dest, exc))
-                raise
+        if dest_fd is not None and not opts.check_mode:
+            if not dest_created:
+                _remove_stale_staging(dest, dest_fd)
+            publisher = _Publisher(dest, dest_fd)
+        try:
+            for state in states:
+                companies.append(mirror_company(dest_fd, state, opts, snapshot, publisher))
+            if publisher is not None:
+                publisher.close()
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
+                raise AuthStateError("cannot write under %s: %s" % (dest, exc))
+            raise
     finally:
+        if publisher is not None:
+            publisher.close(abort=True)
         if dest_fd is not None:
             os.close(dest_fd)
     totals = {k: sum(c[k] for c in companies) for k in ("keys", "written", "unchanged", "removed", "metadata_fixed")}
