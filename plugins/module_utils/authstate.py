@@ -823,9 +823,8 @@ def read_directory(company_id, directory, encoding="base64", problems=None):
 # transaction is rolled back and every file is read again by the strict
 # reader, read_directory(), which lists each bad file.
 
-READ_THREADS = 4  # file readers once the files turn out not to be in the page cache
-READ_AHEAD = 8  # companies read ahead of the one being copied, then
-COLD_READ_SECONDS = 40e-6  # per file; slower means the reads wait for the disk (cached: about 12 us)
+READ_PROCESSES = min(4, max(2, os.cpu_count() or 1))  # reader processes (their reads also overlap on a cold cache)
+READ_AHEAD = 8  # companies read ahead of the one being copied
 IMPORT_TEMP_BUFFERS = "256MB"  # the temporary tables stay in memory instead of spilling
 
 _NEEDS_NORMALISE_BYTES = re.compile(codec._NEEDS_NORMALISE.pattern.encode("ascii"))
@@ -871,6 +870,13 @@ class _CompanyData:
         self.creds = creds  # JSON text or None
         self.copy = copy  # bytes: the rows for br_import_keys
         self.warnings = warnings
+
+    # sent back from the reader processes (explicit for Pythons before 3.11 and __slots__)
+    def __getstate__(self):
+        return (self.company_id, self.keys, self.creds, self.copy, self.warnings)
+
+    def __setstate__(self, state):
+        self.company_id, self.keys, self.creds, self.copy, self.warnings = state
 
 
 def _from_state(state):
@@ -1011,45 +1017,38 @@ def _first(item):
     return item[0]
 
 
-def _read_all_fast(targets, encoding, threads=None):
+def _read_all_fast(targets, encoding, processes=None):
     """Yield :class:`_CompanyData` for ``targets`` in order.
 
-    From the page cache, reading is CPU work that threads only slow down (they take turns
-    on the GIL), so companies are read here, one after the other. Once a company shows that
-    the files come from the disk (more than :data:`COLD_READ_SECONDS` a file), the rest are
-    read ahead by ``threads`` threads, whose reads then wait for the disk in parallel.
+    Reading is mostly Python work per file, which threads would only take turns at (the GIL),
+    so with several companies and CPUs forked worker processes read a few companies ahead
+    while this process streams the rows to PostgreSQL.
     """
-    threads = READ_THREADS if threads is None else threads
-    todo = iter(targets)
-    for cid, directory in todo:
-        started = time.monotonic()
-        data = _read_directory_fast(cid, directory, encoding)
-        cold = time.monotonic() - started > COLD_READ_SECONDS * (data.keys + 1)
-        yield data
-        if cold and threads >= 1:
-            break
-    else:
+    processes = READ_PROCESSES if processes is None else processes
+    if processes < 1 or len(targets) < 3:
+        for cid, directory in targets:
+            yield _read_directory_fast(cid, directory, encoding)
         return
     import collections
-    from concurrent.futures import ThreadPoolExecutor
+    import multiprocessing
 
-    pool = ThreadPoolExecutor(max_workers=threads)
+    pool = multiprocessing.get_context("fork").Pool(processes)
     pending = collections.deque()
+    todo = iter(targets)
     try:
         for cid, directory in todo:
-            pending.append(pool.submit(_read_directory_fast, cid, directory, encoding))
+            pending.append(pool.apply_async(_read_directory_fast, (cid, directory, encoding)))
             if len(pending) >= READ_AHEAD:
                 break
         while pending:
-            data = pending.popleft().result()
+            data = pending.popleft().get()
             for cid, directory in todo:
-                pending.append(pool.submit(_read_directory_fast, cid, directory, encoding))
+                pending.append(pool.apply_async(_read_directory_fast, (cid, directory, encoding)))
                 break
             yield data
     finally:
-        for fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=True)
+        pool.terminate()
+        pool.join()
 
 
 def _copy_directly(cur, store, company_ids):

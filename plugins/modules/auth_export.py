@@ -21,6 +21,10 @@ description:
   - Each file is written atomically (temporary file, flush to disk, rename). A manifest per company
     (sha256 and size per file, counts, snapshot time) is written last. An interrupted run leaves no
     half-written file and the next run completes the mirror.
+  - A company directory that does not exist yet is written whole under a staging name
+    (C(.baileys-resilience-tmp-dir-*)), flushed, and renamed into place, never over a directory that
+    appeared meanwhile. A reader sees no directory or a complete one. Staging directories left by a
+    killed run are removed by the next export and never read by M(baileys.resilience.auth_import).
   - Idempotent. A run that finds nothing to change touches no file and reports C(changed=false);
     the manifest lets it skip unchanged files without rewriting them.
   - Nothing under O(dest) is touched when the database cannot be reached.

@@ -22,6 +22,11 @@ description:
   - The whole run is one transaction, all or nothing. Rows are loaded with C(COPY) into a temporary
     table and merged with one upsert per table that only changes rows whose value differs, so
     C(updated_at) moves only on rows that changed.
+  - When none of the companies has a key row yet (a restore into an empty or new database) and the
+    keys table fills C(created_at) and C(updated_at) by default, the key rows are loaded with C(COPY)
+    straight into the keys table instead, which is the same result at about half the database work.
+    Should another session write keys for one of these companies in the meantime, the run starts over
+    with the upsert.
   - Idempotent. Re-importing the same files changes no row and reports C(changed=false).
 author:
   - baileys.resilience contributors

@@ -635,3 +635,35 @@ def test_import_fast_reader_escapes_key_ids_for_copy(db, dbconn, tmp_path, monke
     rows = dict(dbconn.execute("SELECT key_id, value FROM whatsapp_keys").fetchall())
     dbconn.commit()
     assert rows == {key_id: {"n": n, "s": "x\\ty\ny"} for n, key_id in enumerate(ids)}
+
+
+def test_import_reads_many_companies_in_worker_processes(db, dbconn, tmp_path, monkeypatch):
+    """Four companies: read by forked reader processes, in order, bad files still named."""
+    import multiprocessing
+
+    monkeypatch.setattr(authstate, "READ_PROCESSES", 2)
+    contexts = []
+    real_get_context = multiprocessing.get_context
+
+    def get_context(method=None):
+        contexts.append(method)
+        return real_get_context(method)
+
+    monkeypatch.setattr(multiprocessing, "get_context", get_context)
+    load_into(dbconn, generate(4, seed=31, form="base64", mix=SMALL_MIX))
+    export(db, tmp_path)
+    before = store_rows(dbconn)
+    dbconn.execute("DELETE FROM whatsapp_keys")
+    dbconn.execute("DELETE FROM whatsapp_auth")
+    dbconn.commit()
+    data = list(authstate._read_all_fast(authstate._discover(str(tmp_path), authstate.DirTemplate("{company_id}")),
+                                         "base64"))
+    assert [d.company_id for d in data] == ["company-001", "company-002", "company-003", "company-004"]
+    res = authstate.import_auth_state(db, {}, str(tmp_path))
+    assert res["totals"]["companies"] == 4 and res["totals"]["inserted"] == len(before[1])
+    assert store_rows(dbconn) == before
+    assert contexts == ["fork", "fork"]  # both reads went through the reader processes
+    (tmp_path / "company-004" / "pre-key-1.json").write_text("{broken")
+    with pytest.raises(authstate.ValidationError, match="company-004/pre-key-1.json"):
+        authstate.import_auth_state(db, {}, str(tmp_path), prune=True)
+    assert store_rows(dbconn) == before
