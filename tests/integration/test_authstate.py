@@ -530,14 +530,19 @@ def _spy_direct(monkeypatch, force=None):
     return seen
 
 
-def test_import_into_empty_store_copies_rows_directly(db, dbconn, tmp_path, monkeypatch):
-    data = generate(2, seed=21, form="base64", mix=SMALL_MIX)
-    load_into(dbconn, data)
+def _exported_then_emptied(db, dbconn, tmp_path, companies, seed, **kw):
+    """Load generated companies, export them to tmp_path, empty the store; return the rows it held."""
+    load_into(dbconn, generate(companies, seed=seed, mix=SMALL_MIX, **kw))
     export(db, tmp_path)
     before = store_rows(dbconn)
     dbconn.execute("DELETE FROM whatsapp_keys")
     dbconn.execute("DELETE FROM whatsapp_auth")
     dbconn.commit()
+    return before
+
+
+def test_import_into_empty_store_copies_rows_directly(db, dbconn, tmp_path, monkeypatch):
+    before = _exported_then_emptied(db, dbconn, tmp_path, 2, 21, form="base64")
     seen = _spy_direct(monkeypatch)
     res = authstate.import_auth_state(db, {}, str(tmp_path))
     assert seen == [True]
@@ -555,11 +560,7 @@ def test_import_into_empty_store_copies_rows_directly(db, dbconn, tmp_path, monk
 
 
 def test_import_into_empty_store_refuses_bad_json_and_writes_nothing(db, dbconn, tmp_path, monkeypatch):
-    load_into(dbconn, generate(1, seed=22, mix=SMALL_MIX))
-    export(db, tmp_path)
-    dbconn.execute("DELETE FROM whatsapp_keys")
-    dbconn.execute("DELETE FROM whatsapp_auth")
-    dbconn.commit()
+    _exported_then_emptied(db, dbconn, tmp_path, 1, 22)
     (tmp_path / "company-001" / "pre-key-1.json").write_text('{"private": ')
     seen = _spy_direct(monkeypatch)
     with pytest.raises(authstate.ValidationError, match="pre-key-1.json.*bad JSON"):
@@ -650,12 +651,7 @@ def test_import_reads_many_companies_in_worker_processes(db, dbconn, tmp_path, m
         return real_get_context(method)
 
     monkeypatch.setattr(multiprocessing, "get_context", get_context)
-    load_into(dbconn, generate(4, seed=31, form="base64", mix=SMALL_MIX))
-    export(db, tmp_path)
-    before = store_rows(dbconn)
-    dbconn.execute("DELETE FROM whatsapp_keys")
-    dbconn.execute("DELETE FROM whatsapp_auth")
-    dbconn.commit()
+    before = _exported_then_emptied(db, dbconn, tmp_path, 4, 31, form="base64")
     data = list(authstate._read_all_fast(authstate._discover(str(tmp_path), authstate.DirTemplate("{company_id}")),
                                          "base64"))
     assert [d.company_id for d in data] == ["company-001", "company-002", "company-003", "company-004"]
