@@ -36,7 +36,8 @@ def db_vars(params):
 
 
 def test_export_and_import_playbooks(ansible_env, db, dbconn, tmp_path):
-    load_into(dbconn, generate(2, seed=21, form="base64", mix=MIX))
+    N = 3  # noqa: N806 - three companies: the import reads them in worker processes, inside the module too
+    load_into(dbconn, generate(N, seed=21, form="base64", mix=MIX))
     sessions = tmp_path / "sessions"
     work = tmp_path / "work"
     work.mkdir()
@@ -46,15 +47,15 @@ def test_export_and_import_playbooks(ansible_env, db, dbconn, tmp_path):
     rc, tasks, out = playbook(ansible_env, "export_auth_state.yml", v, work, "--check", "--diff")
     assert rc == 0, out
     res = tasks["Export from PostgreSQL"]
-    assert res["changed"] and res["totals"]["written"] == 2 * (sum(MIX.values()) + 1)
+    assert res["changed"] and res["totals"]["written"] == N * (sum(MIX.values()) + 1)
     assert not sessions.exists()
     assert db["login_password"] not in out  # no_log on the password
 
     rc, tasks, out = playbook(ansible_env, "export_auth_state.yml", v, work)
     assert rc == 0, out
     assert tasks["Export from PostgreSQL"]["changed"]
-    assert "2 companies, %d keys" % (2 * sum(MIX.values())) in tasks["Report"]["msg"]
-    assert sorted(os.listdir(sessions)) == ["session-company-001", "session-company-002"]
+    assert "%d companies, %d keys" % (N, N * sum(MIX.values())) in tasks["Report"]["msg"]
+    assert sorted(os.listdir(sessions)) == ["session-company-%03d" % (i + 1) for i in range(N)]
 
     rc, tasks, out = playbook(ansible_env, "export_auth_state.yml", v, work)
     assert rc == 0 and not tasks["Export from PostgreSQL"]["changed"], out
@@ -70,8 +71,18 @@ def test_export_and_import_playbooks(ansible_env, db, dbconn, tmp_path):
     dbconn.commit()
     rc, tasks, out = playbook(ansible_env, "import_auth_state.yml", v, work)
     assert rc == 0 and tasks["Import into PostgreSQL"]["totals"]["inserted"] == 1, out
-    assert "1 inserted" in tasks["Report"]["msg"] and "%d keys" % (2 * sum(MIX.values()) + 1) in tasks["Report"]["msg"]
+    assert "1 inserted" in tasks["Report"]["msg"] and "%d keys" % (N * sum(MIX.values()) + 1) in tasks["Report"]["msg"]
     assert dbconn.execute("SELECT count(*) FROM whatsapp_keys WHERE key_id = '999999'").fetchone()[0] == 1
+
+    # disaster recovery into an empty store: the rows are COPied straight in, by the module
+    dbconn.execute("DELETE FROM whatsapp_keys")
+    dbconn.execute("DELETE FROM whatsapp_auth")
+    dbconn.commit()
+    rc, tasks, out = playbook(ansible_env, "import_auth_state.yml", v, work)
+    assert rc == 0, out
+    assert tasks["Import into PostgreSQL"]["totals"]["inserted"] == N * sum(MIX.values()) + 1, out
+    assert dbconn.execute("SELECT count(*) FROM whatsapp_auth").fetchone()[0] == N
+    dbconn.commit()
 
 
 def test_module_failure_is_clear(ansible_env, db, tmp_path):
