@@ -318,11 +318,11 @@ def _file_text(source_text):
     return codec.file_text(source_text)[0]
 
 
-def mirror_company(dest_fd, state, opts, snapshot, publisher=None):
+def mirror_company(dest_fd, state, opts, snapshot, publisher):
     """Make ``dest/<company dir>`` mirror one company's state.  Returns a result dict.
 
-    A new company directory is handed to ``publisher`` (a :class:`_Publisher`), which makes
-    it durable and renames it into place; without one, that happens before this returns.
+    A new company directory is handed to ``publisher`` (a :class:`_Publisher`; None only in
+    check mode), which makes it durable and renames it into place.
     """
     company_id = check_company_id(state.company_id)
     dir_name = opts.template.name(company_id)
@@ -487,7 +487,6 @@ def mirror_company(dest_fd, state, opts, snapshot, publisher=None):
                 raise
             if staging is not None:
                 # flushed and renamed into place by the publisher while the next company is written
-                publisher = publisher or _Publisher(opts.dest, dest_fd, synchronous=True)
                 publisher.submit(dir_fd, staging, dir_name, result["directory"])
                 dir_fd = staging = None  # the publisher owns them now
                 publisher.check()
@@ -520,22 +519,16 @@ class _Publisher:
     a directory that could not be published is removed.
     """
 
-    def __init__(self, dest, dest_fd, synchronous=False):
+    def __init__(self, dest, dest_fd):
         self.dest = dest
         self.dest_fd = dest_fd
-        self.synchronous = synchronous
         self.error = None
         self._queue = queue.Queue()
-        self._thread = None
-        if not synchronous:
-            self._thread = threading.Thread(target=self._run, name="br-publish", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._run, name="br-publish", daemon=True)
+        self._thread.start()
 
     def submit(self, dir_fd, staging, final, directory):
-        if self.synchronous:
-            self._publish([(dir_fd, staging, final, directory)])
-        else:
-            self._queue.put((dir_fd, staging, final, directory))
+        self._queue.put((dir_fd, staging, final, directory))
 
     def check(self):
         """Raise the first error of the thread, if any."""
@@ -903,15 +896,14 @@ def _read_rest(fd, data):
 _KEY_NAMES = re.compile(r"^(%s)-(.+)\.json$" % "|".join(re.escape(t) for t in codec._TYPES_LONGEST_FIRST), re.M)
 
 
-def _parse_key_names(names):
+def _parse_key_names(names, joined):
     """``[(key_type, key_id)]`` for ``names`` (key file names), or None when one is not a key file name.
 
-    One regex pass over all the names instead of one call per name: the same result as
-    :func:`_parse_key_name` on each.
+    ``joined`` is ``"\\n".join(names)``. One regex pass over all the names instead of one call
+    per name: the same result as :func:`_parse_key_name` on each.
     """
     if not names:
         return []
-    joined = "\n".join(names)
     if joined.count("\n") != len(names) - 1 or "\r" in joined:  # a name with a line break: one at a time
         try:
             return [_parse_key_name(n) for n in names]
@@ -955,11 +947,11 @@ def _read_directory_fast(company_id, directory, encoding):
                     has_creds = True
                 else:
                     names.append(name)
-        keys = _parse_key_names(names)
+        joined = "\n".join(names)
+        keys = _parse_key_names(names, joined)
         if keys is None or len(set(keys)) != len(keys):  # an unknown name, or two names for one key
             raise _NeedsStrictRead()
         cid = _copy_field(company_id.encode("utf-8"))
-        joined = "\n".join(names)
         ids_plain = not ("\\" in joined or "\t" in joined or "\r" in joined or joined.count("\n") != len(names) - 1)
         rows = []
         creds = None

@@ -15,6 +15,10 @@ OTHER_NAMES = st.one_of(st.text(min_size=1, max_size=20), st.sampled_from(
     ["pre-key-.json", "pre-key-1.JSON", "sender-key.json", "creds.json", "pre-key-1.json\n", "x\npre-key-1.json"]))
 
 
+def parse(names):
+    return authstate._parse_key_names(names, "\n".join(names))
+
+
 def one_by_one(names):
     try:
         return [codec.parse_key_file_name(n) for n in names]
@@ -25,14 +29,14 @@ def one_by_one(names):
 @SETTINGS
 @given(st.lists(st.one_of(KEY_NAMES, KEY_NAMES, KEY_NAMES, OTHER_NAMES), max_size=8))
 def test_parse_key_names_matches_the_codec_name_by_name(names):
-    assert authstate._parse_key_names(names) == one_by_one(names)
+    assert parse(names) == one_by_one(names)
 
 
 def test_parse_key_names_examples():
     names = ["sender-key-group@g.us--5511-0.json", "app-state-sync-key-AAA__B.json", "sender-key-memory-x.json",
              "tctoken-1__index.json"]
-    assert authstate._parse_key_names(names) == [
+    assert parse(names) == [
         ("sender-key", "group@g.us::5511-0"), ("app-state-sync-key", "AAA/B"), ("sender-key-memory", "x"),
         ("tctoken", "1__index")]
-    assert authstate._parse_key_names([]) == []
-    assert authstate._parse_key_names(["pre-key-1.json", "notes.txt"]) is None
+    assert parse([]) == []
+    assert parse(["pre-key-1.json", "notes.txt"]) is None
