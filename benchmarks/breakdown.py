@@ -14,7 +14,6 @@ Run after ``benchmarks/run.py --keep`` (it reuses benchmarks/.data):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -43,17 +42,11 @@ def read_ours(src):
 
 def read_naive(src):
     rows, creds = [], []
-    for cid in sorted(os.listdir(src)):
-        d = os.path.join(src, cid)
-        for name in sorted(os.listdir(d)):
-            if name == codec.MANIFEST_FILE:
-                continue
-            with open(os.path.join(d, name), "rb") as fh:
-                value = json.loads(fh.read())
-            if name == codec.CREDS_FILE:
-                creds.append((cid, value))
-            else:
-                rows.append((cid,) + codec.parse_key_file_name(name) + (value,))
+    for cid, name, value in run.naive_files(src):
+        if name == codec.CREDS_FILE:
+            creds.append((cid, value))
+        else:
+            rows.append((cid,) + codec.parse_key_file_name(name) + (value,))
     return rows, creds
 
 

@@ -33,16 +33,7 @@ import shutil
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-COLLECTIONS = os.path.join(ROOT, ".build", "collections")
-LINK = os.path.join(COLLECTIONS, "ansible_collections", "baileys", "resilience")
-if not os.path.exists(LINK):
-    os.makedirs(os.path.dirname(LINK), exist_ok=True)
-    os.symlink(ROOT, LINK)
-for path in (HERE, COLLECTIONS, os.path.join(ROOT, "tests")):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+from _paths import HERE  # noqa: E402 - sets sys.path for the imports below
 
 import datagen  # noqa: E402
 from pgserver import PgServer  # noqa: E402
@@ -213,6 +204,17 @@ NAIVE_AUTH_SQL = ("INSERT INTO whatsapp_auth (company_id, creds) VALUES (%s, %s)
                   "ON CONFLICT (company_id) DO UPDATE SET creds = EXCLUDED.creds, updated_at = now()")
 
 
+def naive_files(src):
+    """The naive reader: ``(company_id, file name, json.loads of the file)`` for every file under ``src``."""
+    for company_id in sorted(os.listdir(src)):
+        d = os.path.join(src, company_id)
+        for name in sorted(os.listdir(d)):
+            if name == codec.MANIFEST_FILE:
+                continue
+            with open(os.path.join(d, name), "rb") as fh:
+                yield company_id, name, json.loads(fh.read())
+
+
 def naive_import(params, src):
     """Read every file, json.loads it, INSERT ... ON CONFLICT in 100-row statements (autocommit)."""
     Jsonb = psycopg.types.json.Jsonb
@@ -233,21 +235,15 @@ def naive_import(params, src):
                 cur.execute(sql, [x for row in batch for x in row])
                 batch.clear()
 
-            for company_id in sorted(os.listdir(src)):
-                d = os.path.join(src, company_id)
-                for name in sorted(os.listdir(d)):
-                    if name == codec.MANIFEST_FILE:
-                        continue
-                    with open(os.path.join(d, name), "rb") as fh:
-                        value = json.loads(fh.read())
-                    n += 1
-                    if name == codec.CREDS_FILE:
-                        cur.execute(NAIVE_AUTH_SQL, (company_id, Jsonb(value)))
-                        continue
-                    key_type, key_id = codec.parse_key_file_name(name)
-                    batch.append((company_id, key_type, key_id, Jsonb(value)))
-                    if len(batch) == BATCH:
-                        flush()
+            for company_id, name, value in naive_files(src):
+                n += 1
+                if name == codec.CREDS_FILE:
+                    cur.execute(NAIVE_AUTH_SQL, (company_id, Jsonb(value)))
+                    continue
+                key_type, key_id = codec.parse_key_file_name(name)
+                batch.append((company_id, key_type, key_id, Jsonb(value)))
+                if len(batch) == BATCH:
+                    flush()
             if batch:
                 flush()
     finally:
@@ -377,8 +373,8 @@ def main(argv=None):
             """Run every variant once per round, the order reversed every other round: slow drift of
             the machine during the run (file system state, other load) then weighs on all of them."""
             for i in range(args.repeat):
-                for variant in (variants if i % 2 == 0 else variants[::-1]):
-                    run_once(variant[0], *variant[1:2], i, *variant[2:])
+                for label, fn, *hooks in (variants if i % 2 == 0 else variants[::-1]):
+                    run_once(label, fn, i, *hooks)
 
         def fresh_dir(tag):
             def setup(i):
