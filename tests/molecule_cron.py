@@ -36,3 +36,11 @@ def run_like_cron(host, cron_file, name):
     cron_env.update({k: v for k, v in env.items() if k != "PATH"})
     assigns = " ".join("%s=%s" % (k, shlex.quote(v)) for k, v in sorted(cron_env.items()))
     return host.run("env -i %s /bin/sh -c %s" % (assigns, shlex.quote(command))), command
+
+
+def run_backup_job(host, backup_dir, cron_file, log="/var/log/baileys-resilience/backup.log"):
+    """Empty ``backup_dir`` and the backup log, then run the daily backup job exactly as cron would."""
+    run(host, "find %s -mindepth 1 -delete && rm -f %s" % (backup_dir, log))
+    result, command = run_like_cron(host, cron_file, "baileys-resilience backup")
+    print("ran as cron: /bin/sh -c %r -> rc %d" % (command, result.rc))
+    return result

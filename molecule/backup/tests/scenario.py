@@ -11,7 +11,7 @@ PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resol
 sys.path.insert(0, str(PROJECT / "tests"))
 
 import molecule_seed  # noqa: E402
-from molecule_cron import cron_job, run, run_like_cron  # noqa: E402,F401  (used by the test modules)
+from molecule_cron import cron_job, run, run_backup_job, run_like_cron  # noqa: E402,F401  (used by the test modules)
 
 SEED = molecule_seed.expected()
 # testinfra's ansible backend has no podman support: it would run every check as an ansible ad-hoc

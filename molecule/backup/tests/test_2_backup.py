@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 from scenario import (APP, BACKUP_CRON, BACKUP_DIR, BIN18, DUMP_RE, PREFIX, SEED, TOOL, listing, log_records, manifest,
-                      run, run_like_cron, sha256)
+                      run, run_backup_job, run_like_cron, sha256)
 
 testinfra_hosts = [APP]
 
@@ -15,10 +15,7 @@ testinfra_hosts = [APP]
 @pytest.fixture(scope="module")
 def cron_backup(host):
     """Empty the backup directory, then run the daily backup job exactly as cron would."""
-    run(host, "find %s -mindepth 1 -delete && rm -f /var/log/baileys-resilience/backup.log" % BACKUP_DIR)
-    result, command = run_like_cron(host, BACKUP_CRON, "baileys-resilience backup")
-    print("ran as cron: /bin/sh -c %r -> rc %d" % (command, result.rc))
-    return result
+    return run_backup_job(host, BACKUP_DIR, BACKUP_CRON)
 
 
 def _stamp(name):

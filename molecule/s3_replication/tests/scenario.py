@@ -14,7 +14,7 @@ sys.path.insert(0, str(SCENARIO_DIR / "files"))
 import seed  # noqa: E402  (files/seed.py: one company, the 1,650-key reference mix)
 
 sys.path.insert(0, str(PROJECT / "tests"))
-from molecule_cron import cron_job, run, run_like_cron  # noqa: E402,F401  (used by the test modules)
+from molecule_cron import cron_job, run, run_backup_job, run_like_cron  # noqa: E402,F401  (used by the test modules)
 
 SEED = seed.expected()
 # testinfra's podman backend: a plain `podman exec` of the platform's container (fast)

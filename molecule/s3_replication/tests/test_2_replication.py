@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 from scenario import (APP, BACKUP_CRON, BACKUP_DIR, S3_CRON, SEED, TARGETS, dumps, log_records, manifest, run,
-                      run_like_cron, s3_client, sha256)
+                      run_backup_job, run_like_cron, s3_client, sha256)
 
 testinfra_hosts = [APP]
 
@@ -12,9 +12,7 @@ testinfra_hosts = [APP]
 @pytest.fixture(scope="module")
 def cron_backup(host):
     """Empty the backup directory, then run the daily backup job exactly as cron would (backup + replicate)."""
-    run(host, "find %s -mindepth 1 -delete && rm -f /var/log/baileys-resilience/backup.log" % BACKUP_DIR)
-    result, command = run_like_cron(host, BACKUP_CRON, "baileys-resilience backup")
-    print("ran as cron: /bin/sh -c %r -> rc %d" % (command, result.rc))
+    result = run_backup_job(host, BACKUP_DIR, BACKUP_CRON)
     log = host.file("/var/log/baileys-resilience/backup.log").content_string
     assert result.rc == 0, log
     names = dumps(host)
