@@ -113,49 +113,146 @@ def _sha(data):
 class CompanyState:
     """One company's auth state as text read from a source."""
 
-    __slots__ = ("company_id", "creds", "keys")
+    __slots__ = ("company_id", "creds", "keys", "fingerprint")
 
-    def __init__(self, company_id, creds=None, keys=None):
+    def __init__(self, company_id, creds=None, keys=None, fingerprint=None):
         self.company_id = company_id
         self.creds = creds  # JSON text or None
         self.keys = keys if keys is not None else []  # [(key_type, key_id, JSON text)]
+        self.fingerprint = fingerprint  # the store's fingerprint of the key rows, or None
+
+
+FINGERPRINT_VERSION = 1
+# Per key row, a 64-bit hash of (key_type, key_id, value) computed by the server from the stored jsonb
+# (no text rendering, no transfer); per company, the row count and the sum of the row hashes.
+_FINGERPRINT_SQL = (
+    "SELECT company_id, count(*), "
+    "sum(hashtextextended(key_type, hashtextextended(key_id, jsonb_hash_extended(value, 0))))::text "
+    "FROM {}{} GROUP BY company_id"
+)
+
+
+def _where_companies(companies):
+    if companies is None:
+        return pgconn.sql.SQL(""), ()
+    return pgconn.sql.SQL(" WHERE company_id = ANY(%s)"), (list(companies),)
+
+
+class DatabaseSource:
+    """The store read in one snapshot: the creds, a fingerprint of each company's key rows,
+    and the key rows of the companies asked for.
+
+    The caller owns the transaction: it must be REPEATABLE READ so that the creds, the
+    fingerprints and the keys agree (see :func:`snapshot_transaction`).  An export keeps
+    every company whose directory's manifest holds the same fingerprint and whose files are
+    as that export left them (:func:`verify_directory`), and reads the key rows of the
+    others only (:meth:`states`).  The fingerprint is computed by the server from the stored
+    ``jsonb`` (no rendering to text, nothing sent but one row per company), so it equates
+    values that ``jsonb`` equates (``1`` and ``1.0``), as the import's upsert does.
+    """
+
+    def __init__(self, conn, store, companies=None, server_version_num=None):
+        self.conn = conn
+        self.store = store
+        self.companies = list(companies) if companies else None
+        where, args = _where_companies(self.companies)
+        with conn.cursor() as cur:
+            cur.execute(pgconn.sql.SQL("SELECT company_id, creds::text FROM {}").format(store.auth) + where, args)
+            self.creds = dict(cur.fetchall())
+        # jsonb_hash_extended is in PostgreSQL 11+; without it every company's rows are read
+        self.fingerprinted = server_version_num is None or server_version_num >= 110000
+        self._fingerprints = {}
+        self._error = None
+        self._thread = None
+        self._where = (where, args)
+
+    def start(self):
+        """Have the server compute the fingerprints while the caller goes on (a thread waits for them)."""
+        if self.fingerprinted and self._thread is None and self._where is not None:
+            self._thread = threading.Thread(target=self._read_fingerprints, args=self._where,
+                                            name="br-fingerprints", daemon=True)
+            self._where = None
+            self._thread.start()
+
+    def _read_fingerprints(self, where, args):
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(pgconn.sql.SQL(_FINGERPRINT_SQL).format(self.store.keys, where), args)
+                self._fingerprints = {
+                    company_id: "%d:%d:%s" % (FINGERPRINT_VERSION, count, total)
+                    for company_id, count, total in cur.fetchall()
+                }
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by wait()
+            self._error = exc
+
+    def wait(self):
+        """Wait for the fingerprints; raise the error that reading them met."""
+        self.start()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def fingerprints(self):
+        self.wait()
+        return self._fingerprints
+
+    @property
+    def company_ids(self):
+        """Every company, sorted; None without fingerprints (companies with keys but no creds
+        row are then only known from the key rows)."""
+        if not self.fingerprinted:
+            return None
+        return sorted(set(self.creds) | set(self.fingerprints))
+
+    def fingerprint(self, company_id):
+        if not self.fingerprinted:
+            return None
+        return self.fingerprints.get(company_id, "%d:0:0" % FINGERPRINT_VERSION)
+
+    def states(self, company_ids=None):
+        """Yield full :class:`CompanyState` (key rows read) for ``company_ids`` (default: all)."""
+        self.wait()
+        if company_ids is None:
+            where, args = _where_companies(self.companies)
+            rest = self.company_ids if self.fingerprinted else sorted(self.creds)
+        else:
+            rest = sorted(set(company_ids))
+            where, args = _where_companies([c for c in rest if c in self.fingerprints])
+        seen = set()
+        if company_ids is None or args[0]:
+            query = pgconn.sql.SQL(
+                "SELECT company_id, key_type, key_id, value::text FROM {}{} ORDER BY company_id"
+            ).format(self.store.keys, where)
+            current = None
+            # A server-side cursor read in batches (psycopg hands COPY rows over one at a time, which
+            # costs about twice the client CPU), the next batch fetched while this one is written out.
+            with self.conn.cursor(name="br_read_keys") as cur:
+                cur.execute(query, args)
+                for batch in _prefetch(cur, FETCH_ROWS):
+                    for company_id, key_type, key_id, value in batch:
+                        if current is None or current.company_id != company_id:
+                            if current is not None:
+                                yield current
+                            current = CompanyState(company_id, self.creds.get(company_id),
+                                                   fingerprint=self.fingerprint(company_id))
+                            seen.add(company_id)
+                        current.keys.append((key_type, key_id, value))
+            if current is not None:
+                yield current
+        for company_id in rest:
+            if company_id not in seen and (company_id in self.creds or company_id in self.fingerprints):
+                yield CompanyState(company_id, self.creds.get(company_id), fingerprint=self.fingerprint(company_id))
+
+    def __iter__(self):
+        return self.states()
 
 
 def read_database(conn, store, companies=None):
-    """Yield :class:`CompanyState` for every company, from one snapshot.
-
-    The caller owns the transaction: it must be REPEATABLE READ so that the
-    creds and keys agree (see :func:`snapshot_transaction`).
-    """
-    where = pgconn.sql.SQL("")
-    args = ()
-    if companies:
-        where = pgconn.sql.SQL(" WHERE company_id = ANY(%s)")
-        args = (list(companies),)
-    with conn.cursor() as cur:
-        cur.execute(pgconn.sql.SQL("SELECT company_id, creds::text FROM {}").format(store.auth) + where, args)
-        creds = dict(cur.fetchall())
-    seen = set()
-    query = pgconn.sql.SQL(
-        "SELECT company_id, key_type, key_id, value::text FROM {}{} ORDER BY company_id"
-    ).format(store.keys, where)
-    current = None
-    # A server-side cursor read in batches (psycopg hands COPY rows over one at a time, which costs
-    # about twice the client CPU), the next batch fetched while this one is being written out.
-    with conn.cursor(name="br_read_keys") as cur:
-        cur.execute(query, args)
-        for batch in _prefetch(cur, FETCH_ROWS):
-            for company_id, key_type, key_id, value in batch:
-                if current is None or current.company_id != company_id:
-                    if current is not None:
-                        yield current
-                    current = CompanyState(company_id, creds.get(company_id))
-                    seen.add(company_id)
-                current.keys.append((key_type, key_id, value))
-    if current is not None:
-        yield current
-    for company_id in sorted(set(creds) - seen):
-        yield CompanyState(company_id, creds[company_id])
+    """Yield :class:`CompanyState` for every company, from one snapshot (see :class:`DatabaseSource`)."""
+    return DatabaseSource(conn, store, companies).states()
 
 
 def _prefetch(cur, size):
@@ -328,6 +425,7 @@ def mirror_company(dest_fd, state, opts, snapshot, publisher):
     dir_name = opts.template.name(company_id)
     warnings = []
     wanted = _wanted_files(state, warnings)
+    name_warnings = list(warnings)  # kept in the manifest: a verified directory reports them again
     result = {
         "company_id": company_id,
         "directory": os.path.join(opts.dest, dir_name),
@@ -435,21 +533,15 @@ def mirror_company(dest_fd, state, opts, snapshot, publisher):
             to_write.append((name, data))
         result["unchanged"] += unchanged
 
-        if opts.prune:
-            for name, entry in existing.items():
-                if name in wanted or name == codec.MANIFEST_FILE or name.startswith(fsutil.TEMP_PREFIX):
-                    continue
-                try:
-                    codec.parse_key_file_name(name)
-                except codec.CodecError:
-                    if name != codec.CREDS_FILE:
-                        result["ignored"].append(name)
-                    continue
-                if entry.is_file(follow_symlinks=False) or entry.is_symlink():
-                    to_remove.append(name)
-        else:
-            result["ignored"] = sorted(n for n in existing if n not in wanted and n != codec.MANIFEST_FILE
-                                       and not n.startswith(fsutil.TEMP_PREFIX))
+        for name, entry in existing.items():
+            if name in wanted or name == codec.MANIFEST_FILE or name.startswith(fsutil.TEMP_PREFIX):
+                continue
+            action = _leftover(name, opts.prune)
+            if action == "ignore":
+                result["ignored"].append(name)
+            elif action == "remove" and (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+                to_remove.append(name)
+        result["ignored"].sort()
 
         result["written"] = len(to_write)
         result["removed"] = len(to_remove)
@@ -462,6 +554,10 @@ def mirror_company(dest_fd, state, opts, snapshot, publisher):
             "counts": _counts(state),
             "files": new_files,
         }
+        if state.fingerprint is not None:
+            manifest_body["fingerprint"] = state.fingerprint
+        if name_warnings:
+            manifest_body["warnings"] = name_warnings
         if not opts.check_mode and dir_fd is not None:
             for name in meta_fix:
                 _fix_meta(dir_fd, name, opts)
@@ -506,6 +602,165 @@ def mirror_company(dest_fd, state, opts, snapshot, publisher):
             os.close(dir_fd)
         if staging is not None:  # failed before it was renamed into place
             shutil.rmtree(os.path.join(opts.dest, staging), ignore_errors=True)
+
+
+def _leftover(name, prune):
+    """What an export does with a file of a company directory that the source does not have
+    (not the manifest, not a temporary file): "remove", "ignore" (reported) or None (left alone)."""
+    if not prune:
+        return "ignore"
+    try:
+        codec.parse_key_file_name(name)
+    except codec.CodecError:
+        return None if name == codec.CREDS_FILE else "ignore"
+    return "remove"
+
+
+def verify_directory(dest_fd, company_id, creds_sha, opts):
+    """``(fingerprint, result)`` for a company directory that an export left as it is, or None.
+
+    The directory counts as mirrored when its manifest was written by an export of the same
+    source (``opts.source_label``) with the same creds (``creds_sha``: the sha256 of their JSON
+    text, None when the company has no creds row), and every file is
+    still as that export left it: same size, mtime, type, mode and owner, none missing, no
+    temporary file, nothing to prune.  ``fingerprint`` is the store's fingerprint of the key
+    rows that export wrote (in the manifest): when the store still has the same one,
+    ``result`` is what :func:`mirror_company` would return, without reading a key row.
+    Anything else (None) sends the company through :func:`mirror_company`, which reads its
+    rows and compares file by file.  Nothing is written either way.
+    """
+    company_id = check_company_id(company_id)
+    dir_name = opts.template.name(company_id)
+    try:
+        dir_fd = os.open(dir_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dest_fd)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return None  # being written: mirror_company reports the lock
+        dst = os.fstat(dir_fd)
+        uid, gid, want_mode = opts.uid, opts.gid, opts.mode
+        if stat.S_IMODE(dst.st_mode) != opts.directory_mode or (uid != -1 and dst.st_uid != uid) or (
+                gid != -1 and dst.st_gid != gid):
+            return None
+        manifest = _load_manifest(dir_fd)
+        files = manifest.get("files")
+        counts = manifest.get("counts")
+        if (not files or not isinstance(manifest.get("fingerprint"), str)
+                or manifest.get("source") != opts.source_label or manifest.get("company_id") != company_id
+                or not isinstance(counts, dict)):
+            return None
+        record = files.get(codec.CREDS_FILE)
+        if creds_sha is None:
+            if record is not None:
+                return None
+        elif not isinstance(record, dict) or (record.get("src") or record.get("sha256")) != creds_sha:
+            return None
+        if counts.get("keys") != len(files) - (record is not None) or counts.get("creds") != (record is not None):
+            return None
+        ignored = []
+        present = 0
+        s_isreg, temp_prefix, manifest_file = stat.S_ISREG, fsutil.TEMP_PREFIX, codec.MANIFEST_FILE
+        with os.scandir(dir_fd) as it:
+            for entry in it:
+                name = entry.name
+                record = files.get(name)
+                if record is None:
+                    if name == manifest_file:
+                        continue
+                    if name.startswith(temp_prefix):
+                        return None  # left by an interrupted run: mirror_company removes it
+                    action = _leftover(name, opts.prune)
+                    if action == "ignore":
+                        ignored.append(name)
+                    elif action == "remove" and (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+                        return None
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if (record.get("mtime_ns") != st.st_mtime_ns or record.get("size") != st.st_size
+                        or not s_isreg(st.st_mode) or (st.st_mode & 0o7777) != want_mode
+                        or (uid != -1 and st.st_uid != uid) or (gid != -1 and st.st_gid != gid)):
+                    return None
+                present += 1
+        if present != len(files):
+            return None
+    finally:
+        os.close(dir_fd)
+    warnings = list(manifest.get("warnings") or ())
+    if creds_sha is None:
+        warnings.append("company %r has keys but no creds row; creds.json is not written" % (company_id,))
+    directory = os.path.join(opts.dest, dir_name)
+    result = {
+        "company_id": company_id,
+        "directory": directory,
+        "creds": creds_sha is not None,
+        "keys": counts["keys"],
+        "written": 0,
+        "unchanged": present,
+        "removed": 0,
+        "metadata_fixed": 0,
+        "ignored": sorted(ignored),
+        "warnings": warnings,
+        "created": False,
+        "changed": False,
+    }
+    if opts.diff:
+        result["diff"] = {"before_header": directory, "after_header": directory, "before": "", "after": ""}
+    return manifest["fingerprint"], result
+
+
+def _verify_task(task):
+    dest_fd, company_id, creds_sha, opts = task
+    try:
+        return company_id, verify_directory(dest_fd, company_id, creds_sha, opts)
+    except OSError:  # mirror_company meets it again and says what it is
+        return company_id, None
+
+
+def _verify_directories(dest_fd, source, opts, processes=None):
+    """Split ``source``'s companies into verified results and the ids whose rows must be read.
+
+    The directories are checked (:func:`verify_directory`: a stat per file, which is syscall
+    time) by forked worker processes while the server computes the fingerprints; the
+    workers are forked before any thread of this export starts.
+    """
+    processes = READ_PROCESSES if processes is None else processes
+    present = set(os.listdir(dest_fd))
+    found = {}
+    tasks = []
+    for company_id, text in sorted(source.creds.items()):
+        try:
+            if opts.template.name(check_company_id(company_id)) in present:
+                tasks.append((dest_fd, company_id, _sha(text.encode("utf-8")), opts))
+                continue
+        except AuthStateError:
+            pass  # mirror_company refuses it
+        found[company_id] = None
+    if processes >= 1 and len(tasks) >= 3:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("fork").Pool(min(processes, len(tasks)))
+        try:
+            source.start()
+            found.update(pool.imap_unordered(_verify_task, tasks, chunksize=max(1, len(tasks) // (processes * 8))))
+        finally:
+            pool.terminate()
+            pool.join()
+    else:
+        source.start()
+        found.update(_verify_task(task) for task in tasks)
+    results, stale = [], []
+    for company_id in source.company_ids:
+        if company_id not in found:  # keys but no creds row
+            found[company_id] = _verify_task((dest_fd, company_id, None, opts))[1]
+        verified = found[company_id]
+        if verified is not None and verified[0] == source.fingerprint(company_id):
+            results.append(verified[1])
+        else:
+            stale.append(company_id)
+    return results, stale
 
 
 class _Publisher:
@@ -604,7 +859,7 @@ def _remove_stale_staging(dest, dest_fd):
 def _manifest_differs(old, new):
     if not old:
         return True
-    keys = ("company_id", "counts", "files", "source")
+    keys = ("company_id", "counts", "files", "source", "fingerprint", "warnings")
     return any(old.get(k) != new.get(k) for k in keys)
 
 
@@ -637,6 +892,10 @@ def export_states(states, opts, snapshot):
     companies = []
     publisher = None
     try:
+        if isinstance(states, DatabaseSource) and states.fingerprinted and dest_fd is not None:
+            # A directory that its manifest proves mirrored needs none of its key rows read.
+            companies, stale = _verify_directories(dest_fd, states, opts)
+            states = states.states(stale) if stale else ()
         if dest_fd is not None and not opts.check_mode:
             if not dest_created:
                 _remove_stale_staging(dest, dest_fd)
@@ -655,6 +914,7 @@ def export_states(states, opts, snapshot):
             publisher.close(abort=True)
         if dest_fd is not None:
             os.close(dest_fd)
+    companies.sort(key=lambda c: c["company_id"])
     totals = {k: sum(c[k] for c in companies) for k in ("keys", "written", "unchanged", "removed", "metadata_fixed")}
     totals["companies"] = len(companies)
     totals["creds"] = sum(1 for c in companies if c["creds"])
@@ -685,7 +945,8 @@ def export_from_database(conn_params, store_params, opts, companies=None):
             if companies:
                 for company_id in companies:
                     check_company_id(company_id)
-            result = export_states(read_database(conn, store, companies), opts, snapshot)
+            source = DatabaseSource(conn, store, companies, snapshot.get("server_version_num"))
+            result = export_states(source, opts, snapshot)
     except pgconn.psycopg.Error as exc:
         raise pgconn.PgError("export failed while reading %s: %s" % (pgconn.describe(conn_params),
                                                                      pgconn._scrub(exc, conn_params)))

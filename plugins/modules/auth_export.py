@@ -27,6 +27,13 @@ description:
     killed run are removed by the next export and never read by M(baileys.resilience.auth_import).
   - Idempotent. A run that finds nothing to change touches no file and reports C(changed=false);
     the manifest lets it skip unchanged files without rewriting them.
+  - The manifest also holds a fingerprint of the company's key rows, which the server computes from
+    the stored C(jsonb) (a hash per row of type, id and value; per company the count and the sum).
+    When the store's fingerprint and creds match the manifest and every file still has the size,
+    mtime, mode and owner the manifest recorded (nothing missing, nothing to prune), the company's
+    key rows are not read at all. Anything else, such as a file rewritten by Baileys or a manifest
+    from another source, makes the run compare that company file by file. Values that C(jsonb)
+    treats as equal (V(1) and V(1.0)) count as unchanged, as in M(baileys.resilience.auth_import).
   - Nothing under O(dest) is touched when the database cannot be reached.
 author:
   - baileys.resilience contributors

@@ -663,3 +663,220 @@ def test_import_reads_many_companies_in_worker_processes(db, dbconn, tmp_path, m
     with pytest.raises(authstate.ValidationError, match="company-004/pre-key-1.json"):
         authstate.import_auth_state(db, {}, str(tmp_path), prune=True)
     assert store_rows(dbconn) == before
+
+
+# --------------------------------------------------------------------------- no-op export: fingerprints
+
+
+def _spy_reads(monkeypatch):
+    """The company ids whose key rows each export reads (DatabaseSource.states calls)."""
+    reads = []
+    real = authstate.DatabaseSource.states
+
+    def spy(self, company_ids=None):
+        reads.append(None if company_ids is None else sorted(company_ids))
+        return real(self, company_ids)
+
+    monkeypatch.setattr(authstate.DatabaseSource, "states", spy)
+    return reads
+
+
+def _varied_store(dbconn):
+    """Four generated companies plus the cases a verified directory must report again:
+    a key id that does not round trip (warning) and a company with keys but no creds row."""
+    load_into(dbconn, generate(4, seed=41, mix=SMALL_MIX))
+    dbconn.execute("INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) VALUES "
+                   "('company-002', 'session', '5511:3.0', '1'), ('no-creds', 'pre-key', '1', '{\"a\": 1}')")
+    dbconn.commit()
+
+
+@pytest.mark.parametrize("prune,diff", [(True, False), (False, True)])
+def test_noop_export_reads_no_key_row_and_reports_as_a_full_comparison(db, dbconn, tmp_path, monkeypatch,
+                                                                       prune, diff):
+    _varied_store(dbconn)
+    reads = _spy_reads(monkeypatch)
+    first = export(db, tmp_path, prune=prune)
+    assert first["changed"] and reads == [sorted(["company-001", "company-002", "company-003", "company-004",
+                                                   "no-creds"])]
+    (tmp_path / "company-003" / "notes.txt").write_text("operator notes")  # reported as ignored
+    if not prune:
+        (tmp_path / "company-004" / "pre-key-99999.json").write_text("{}")  # not in the store, kept
+    before = tree(tmp_path)
+    fast = export(db, tmp_path, prune=prune, diff=diff)
+    assert reads[1:] == []  # no key row read: every directory was verified against its manifest
+    assert not fast["changed"] and tree(tmp_path) == before
+    assert any("reads back as a different id" in w for w in fast["warnings"])
+    assert any("'no-creds' has keys but no creds row" in w for w in fast["warnings"])
+
+    monkeypatch.setattr(authstate, "verify_directory", lambda *args: None)  # every company compared file by file
+    full = export(db, tmp_path, prune=prune, diff=diff)
+    assert reads[1:] == [sorted(c["company_id"] for c in first["companies"])]
+    assert tree(tmp_path) == before
+    for key in ("changed", "companies", "totals", "warnings", "dest", "source"):
+        assert fast[key] == full[key], key
+    assert fast["totals"]["unchanged"] == first["totals"]["written"]
+
+
+def test_export_reads_the_rows_of_changed_companies_only(db, dbconn, tmp_path, monkeypatch):
+    load_into(dbconn, generate(3, seed=42, form="base64", mix=SMALL_MIX))
+    reads = _spy_reads(monkeypatch)
+    export(db, tmp_path)
+    victim = dbconn.execute("SELECT key_id, value::text FROM whatsapp_keys WHERE company_id = 'company-002' "
+                            "AND key_type = 'session' ORDER BY key_id LIMIT 1").fetchone()
+    path = tmp_path / "company-002" / ("session-%s.json" % codec.fix_file_name(victim[0]))
+    # same length, one character different: size and count are no help, the fingerprint is
+    changed = victim[1].replace("A", "B", 1) if "A" in victim[1] else victim[1].replace("B", "A", 1)
+    assert changed != victim[1] and len(changed) == len(victim[1])
+    dbconn.execute("UPDATE whatsapp_keys SET value = %s::jsonb WHERE company_id = 'company-002' "
+                   "AND key_type = 'session' AND key_id = %s", (changed, victim[0]))
+    dbconn.commit()
+    del reads[:]
+    res = export(db, tmp_path)
+    assert reads == [["company-002"]] and res["totals"]["written"] == 1
+    assert path.read_text() == changed
+
+    dbconn.execute("DELETE FROM whatsapp_keys WHERE company_id = 'company-003' AND key_type = 'pre-key' "
+                   "AND key_id = '1'")
+    dbconn.execute("UPDATE whatsapp_auth SET creds = creds || '{\"me\": {\"id\": \"x\"}}' "
+                   "WHERE company_id = 'company-001'")
+    dbconn.commit()
+    del reads[:]
+    res = export(db, tmp_path)
+    assert reads == [["company-001", "company-003"]]
+    assert [(c["company_id"], c["written"], c["removed"]) for c in res["companies"]] == [
+        ("company-001", 1, 0), ("company-002", 0, 0), ("company-003", 0, 1)]
+
+    # rewriting rows with the values they already hold moves no fingerprint (content, not row versions)
+    dbconn.execute("UPDATE whatsapp_keys SET value = value, updated_at = now()")
+    dbconn.commit()
+    del reads[:]
+    assert not export(db, tmp_path)["changed"] and reads == []
+
+
+def test_fingerprint_sees_values_swapped_between_keys(db, dbconn):
+    dbconn.execute("INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) VALUES "
+                   "('acme', 'session', 'a', '{\"v\": 1}'), ('acme', 'session', 'b', '{\"v\": 2}')")
+    dbconn.commit()
+
+    def fingerprint():
+        conn = pgconn.connect(db)
+        try:
+            with authstate.snapshot_transaction(conn):
+                return authstate.DatabaseSource(conn, pgconn.Store.from_params({})).fingerprint("acme")
+        finally:
+            conn.close()
+
+    before = fingerprint()
+    dbconn.execute("UPDATE whatsapp_keys SET value = CASE key_id WHEN 'a' THEN '{\"v\": 2}'::jsonb "
+                   "ELSE '{\"v\": 1}'::jsonb END")
+    dbconn.commit()
+    assert before.startswith("1:2:") and fingerprint() != before
+
+
+def test_export_compares_file_by_file_when_the_directory_changed(db, dbconn, tmp_path, monkeypatch):
+    load_into(dbconn, generate(3, seed=43, form="base64", mix=SMALL_MIX))
+    export(db, tmp_path)
+    reads = _spy_reads(monkeypatch)
+    company = tmp_path / "company-002"
+    manifest = json.loads((company / codec.MANIFEST_FILE).read_text())
+    assert manifest["fingerprint"].startswith("1:")
+
+    victim = company / "pre-key-1.json"  # rewritten in place by something else, same size
+    good = victim.read_bytes()
+    victim.write_bytes(good.replace(b'"', b"'", 1))
+    res = export(db, tmp_path)
+    assert reads == [["company-002"]] and res["totals"]["written"] == 1 and victim.read_bytes() == good
+
+    os.unlink(company / "pre-key-2.json")  # missing: written again
+    stale = tmp_path / "company-001" / (fsutil.TEMP_PREFIX + "999-1")  # left by a killed run: removed
+    stale.write_text('{"half')
+    del reads[:]
+    res = export(db, tmp_path)
+    assert reads == [["company-001", "company-002"]] and res["totals"]["written"] == 1
+    assert (company / "pre-key-2.json").exists() and not stale.exists()
+
+    (company / "pre-key-99999.json").write_text("{}")  # a key file the store does not have: pruned
+    os.chmod(tmp_path / "company-003" / "creds.json", 0o644)  # metadata only
+    del reads[:]
+    res = export(db, tmp_path)
+    assert reads == [["company-002", "company-003"]]
+    assert res["totals"]["removed"] == 1 and res["totals"]["metadata_fixed"] == 1
+
+    # a manifest written before fingerprints existed: one file-by-file pass, which adds it
+    del manifest["fingerprint"]
+    del reads[:]
+    (company / codec.MANIFEST_FILE).write_text(json.dumps(manifest))
+    res = export(db, tmp_path)
+    assert reads == [["company-002"]] and res["changed"] and res["totals"]["written"] == 0
+    del reads[:]
+    assert not export(db, tmp_path)["changed"] and reads == []
+
+    # a manifest of another source (an export from a backup file) is not trusted: every company compared
+    del reads[:]
+    conn = pgconn.connect(db)
+    try:
+        with authstate.snapshot_transaction(conn) as snapshot:
+            source = authstate.DatabaseSource(conn, pgconn.Store.from_params({}), None,
+                                              snapshot["server_version_num"])
+            res = authstate.export_states(source, authstate.ExportOptions(str(tmp_path), source_label="backup x"),
+                                          snapshot)
+    finally:
+        conn.close()
+    assert reads == [["company-001", "company-002", "company-003"]]
+    assert res["changed"] and res["totals"]["written"] == 0  # the manifests name the new source
+
+
+def test_locked_directory_is_reported_on_a_noop_export(db, dbconn, tmp_path):
+    import fcntl
+
+    load_into(dbconn, generate(1, seed=44, mix=SMALL_MIX))
+    export(db, tmp_path)
+    fd = os.open(tmp_path / "company-001", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(authstate.AuthStateError, match="locked by another export or import"):
+            export(db, tmp_path)
+    finally:
+        os.close(fd)
+    assert not export(db, tmp_path)["changed"]
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_directory_checks_in_worker_processes_or_not_agree(db, dbconn, tmp_path, monkeypatch, processes):
+    import multiprocessing
+
+    monkeypatch.setattr(authstate, "READ_PROCESSES", processes)
+    contexts = []
+    real_get_context = multiprocessing.get_context
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: contexts.append(method)
+                        or real_get_context(method))
+    _varied_store(dbconn)
+    export(db, tmp_path)
+    assert contexts == []  # no directory to check yet: nothing forked
+    dbconn.execute("DELETE FROM whatsapp_keys WHERE company_id = 'company-004' AND key_type = 'pre-key' "
+                   "AND key_id = '1'")
+    dbconn.commit()
+    reads = _spy_reads(monkeypatch)
+    res = export(db, tmp_path)
+    assert reads == [["company-004"]] and res["totals"]["removed"] == 1
+    assert contexts == (["fork"] if processes else [])
+
+
+def test_server_without_jsonb_hash_reads_every_company(db, dbconn, tmp_path, monkeypatch):
+    """PostgreSQL before 11 has no jsonb_hash_extended: no fingerprint, every row read, same files."""
+    _varied_store(dbconn)
+    conn = pgconn.connect(db)
+    try:
+        with authstate.snapshot_transaction(conn) as snapshot:
+            source = authstate.DatabaseSource(conn, pgconn.Store.from_params({}), None, 100000)
+            assert source.company_ids is None and source.fingerprint("company-001") is None
+            old = authstate.export_states(source, authstate.ExportOptions(str(tmp_path / "old")), snapshot)
+    finally:
+        conn.close()
+    new = export(db, tmp_path / "new")
+    assert [c["company_id"] for c in old["companies"]] == [c["company_id"] for c in new["companies"]]
+    assert "no-creds" in [c["company_id"] for c in old["companies"]]
+    strip = {k: v[0] for k, v in tree(tmp_path / "old").items() if not k.endswith(codec.MANIFEST_FILE)}
+    assert strip == {k: v[0] for k, v in tree(tmp_path / "new").items() if not k.endswith(codec.MANIFEST_FILE)}
+    manifest = json.loads((tmp_path / "old" / "company-001" / codec.MANIFEST_FILE).read_text())
+    assert "fingerprint" not in manifest
