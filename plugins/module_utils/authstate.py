@@ -250,11 +250,6 @@ class DatabaseSource:
         return self.states()
 
 
-def read_database(conn, store, companies=None):
-    """Yield :class:`CompanyState` for every company, from one snapshot (see :class:`DatabaseSource`)."""
-    return DatabaseSource(conn, store, companies).states()
-
-
 def _prefetch(cur, size):
     """Yield ``cur.fetchmany(size)`` batches; a thread fetches the next batch while the caller works."""
     batches = queue.Queue(maxsize=2)
@@ -727,7 +722,10 @@ def _verify_directories(dest_fd, source, opts, processes=None):
     workers are forked before any thread of this export starts.
     """
     processes = READ_PROCESSES if processes is None else processes
-    present = set(os.listdir(dest_fd))
+    try:
+        present = set(os.listdir(dest_fd))
+    except OSError:  # unreadable dest: mirror_company says so
+        present = set()
     found = {}
     tasks = []
     for company_id, text in sorted(source.creds.items()):

@@ -828,7 +828,7 @@ def read_backup_states(backup_file, store_params=None, companies=None, pg_bin_di
     Returns ``(snapshot, states)``: ``snapshot`` has ``snapshot_time`` (the
     manifest's ``created_at``), ``server_version_num`` and ``source``
     (``backup:<file name>``); ``states`` iterates :class:`authstate.CompanyState`
-    exactly as :func:`authstate.read_database` would at that snapshot, so
+    exactly as :meth:`authstate.DatabaseSource.states` would at that snapshot, so
     :func:`authstate.export_states` writes identical files.  The sha256 is checked
     against the manifest first, and the row counts read must equal the manifest's.
     Everything is read before this returns: a broken backup raises here, before
