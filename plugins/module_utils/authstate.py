@@ -316,7 +316,9 @@ def _load_manifest(dir_fd):
     try:
         with os.fdopen(fd, "rb") as fh:
             data = json.loads(fh.read().decode("utf-8"))
-        if data.get("format") == MANIFEST_FORMAT and isinstance(data.get("files"), dict):
+        files = data.get("files")
+        if data.get("format") == MANIFEST_FORMAT and isinstance(files, dict) and all(
+                isinstance(record, dict) for record in files.values()):
             return data
     except (ValueError, OSError, UnicodeDecodeError, AttributeError):
         pass
@@ -645,13 +647,13 @@ def verify_directory(dest_fd, company_id, creds_sha, opts):
         counts = manifest.get("counts")
         if (not files or not isinstance(manifest.get("fingerprint"), str)
                 or manifest.get("source") != opts.source_label or manifest.get("company_id") != company_id
-                or not isinstance(counts, dict)):
+                or not isinstance(counts, dict) or not isinstance(manifest.get("warnings", []), list)):
             return None
         record = files.get(codec.CREDS_FILE)
         if creds_sha is None:
             if record is not None:
                 return None
-        elif not isinstance(record, dict) or (record.get("src") or record.get("sha256")) != creds_sha:
+        elif record is None or (record.get("src") or record.get("sha256")) != creds_sha:
             return None
         if counts.get("keys") != len(files) - (record is not None) or counts.get("creds") != (record is not None):
             return None
@@ -710,7 +712,7 @@ def _verify_task(task):
     dest_fd, company_id, creds_sha, opts = task
     try:
         return company_id, verify_directory(dest_fd, company_id, creds_sha, opts)
-    except OSError:  # mirror_company meets it again and says what it is
+    except (OSError, AuthStateError):  # mirror_company meets it again and says what it is
         return company_id, None
 
 

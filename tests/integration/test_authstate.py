@@ -880,3 +880,18 @@ def test_server_without_jsonb_hash_reads_every_company(db, dbconn, tmp_path, mon
     assert strip == {k: v[0] for k, v in tree(tmp_path / "new").items() if not k.endswith(codec.MANIFEST_FILE)}
     manifest = json.loads((tmp_path / "old" / "company-001" / codec.MANIFEST_FILE).read_text())
     assert "fingerprint" not in manifest
+
+
+def test_a_damaged_manifest_sends_the_company_through_the_file_by_file_path(db, dbconn, tmp_path, monkeypatch):
+    load_into(dbconn, generate(1, seed=45, mix=SMALL_MIX))
+    export(db, tmp_path)
+    reads = _spy_reads(monkeypatch)
+    path = tmp_path / "company-001" / codec.MANIFEST_FILE
+    good = json.loads(path.read_text())
+    for damage in ({"files": dict(good["files"], **{"pre-key-1.json": "x"})}, {"warnings": "not a list"},
+                   {"counts": None}, {"fingerprint": 7}):
+        path.write_text(json.dumps(dict(good, **damage)))
+        del reads[:]
+        res = export(db, tmp_path)
+        assert reads == [["company-001"]] and res["changed"] and res["totals"]["written"] == 0, damage
+        assert json.loads(path.read_text())["fingerprint"] == good["fingerprint"]
