@@ -124,10 +124,11 @@ class CompanyState:
 
 FINGERPRINT_VERSION = 1
 # Per key row, a 64-bit hash of (key_type, key_id, value) computed by the server from the stored jsonb
-# (no text rendering, no transfer); per company, the row count and the sum of the row hashes.
+# (no text rendering, no transfer); per company, the row count and the sum of the row hashes.  The cast
+# costs nothing on a jsonb column and keeps stores whose value column is json working.
 _FINGERPRINT_SQL = (
     "SELECT company_id, count(*), "
-    "sum(hashtextextended(key_type, hashtextextended(key_id, jsonb_hash_extended(value, 0))))::text "
+    "sum(hashtextextended(key_type, hashtextextended(key_id, jsonb_hash_extended(value::jsonb, 0))))::text "
     "FROM {}{} GROUP BY company_id"
 )
 
@@ -184,6 +185,11 @@ class DatabaseSource:
                 }
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by wait()
             self._error = exc
+
+    def close(self):
+        """Wait for the fingerprint thread if it still runs (before the transaction ends); raise nothing."""
+        if self._thread is not None:
+            self._thread.join()
 
     def wait(self):
         """Wait for the fingerprints; raise the error that reading them met."""
@@ -946,7 +952,10 @@ def export_from_database(conn_params, store_params, opts, companies=None):
                 for company_id in companies:
                     check_company_id(company_id)
             source = DatabaseSource(conn, store, companies, snapshot.get("server_version_num"))
-            result = export_states(source, opts, snapshot)
+            try:
+                result = export_states(source, opts, snapshot)
+            finally:
+                source.close()
     except pgconn.psycopg.Error as exc:
         raise pgconn.PgError("export failed while reading %s: %s" % (pgconn.describe(conn_params),
                                                                      pgconn._scrub(exc, conn_params)))

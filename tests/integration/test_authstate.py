@@ -895,3 +895,27 @@ def test_a_damaged_manifest_sends_the_company_through_the_file_by_file_path(db, 
         res = export(db, tmp_path)
         assert reads == [["company-001"]] and res["changed"] and res["totals"]["written"] == 0, damage
         assert json.loads(path.read_text())["fingerprint"] == good["fingerprint"]
+
+
+def test_store_with_json_columns_exports_and_fingerprints(db, dbconn, tmp_path, monkeypatch):
+    """Some stores declare the value column json, not jsonb: export works, and the no-op still reads no row."""
+    dbconn.execute("CREATE SCHEMA legacy")
+    dbconn.execute("CREATE TABLE legacy.auth (company_id text PRIMARY KEY, creds json NOT NULL)")
+    dbconn.execute("CREATE TABLE legacy.keys (company_id text, key_type text, key_id text, value json NOT NULL, "
+                   "PRIMARY KEY (company_id, key_type, key_id))")
+    dbconn.execute("""INSERT INTO legacy.auth VALUES ('acme', '{"registered": true}')""")
+    dbconn.execute("""INSERT INTO legacy.keys VALUES ('acme', 'pre-key', '1', '{"public": {"type": "Buffer", """
+                   """"data": [1, 2, 3]}}'), ('acme', 'session', 'a.0', '{"v": 1}')""")
+    dbconn.commit()
+    store = {"schema": "legacy", "auth_table": "auth", "keys_table": "keys"}
+    reads = _spy_reads(monkeypatch)
+    first = authstate.export_from_database(db, store, authstate.ExportOptions(str(tmp_path)))
+    assert first["totals"]["written"] == 3 and reads == [["acme"]]
+    assert json.loads((tmp_path / "acme" / "pre-key-1.json").read_text()) == {
+        "public": {"type": "Buffer", "data": "AQID"}}
+    second = authstate.export_from_database(db, store, authstate.ExportOptions(str(tmp_path)))
+    assert not second["changed"] and reads == [["acme"]]
+    dbconn.execute("""UPDATE legacy.keys SET value = '{"v": 2}' WHERE key_type = 'session'""")
+    dbconn.commit()
+    third = authstate.export_from_database(db, store, authstate.ExportOptions(str(tmp_path)))
+    assert third["totals"]["written"] == 1 and reads == [["acme"], ["acme"]]
