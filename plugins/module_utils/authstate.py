@@ -156,26 +156,25 @@ class DatabaseSource:
         self.conn = conn
         self.store = store
         self.companies = list(companies) if companies else None
-        where, args = _where_companies(self.companies)
+        self._filter = _where_companies(self.companies)
         with conn.cursor() as cur:
-            cur.execute(pgconn.sql.SQL("SELECT company_id, creds::text FROM {}").format(store.auth) + where, args)
+            cur.execute(pgconn.sql.SQL("SELECT company_id, creds::text FROM {}").format(store.auth) + self._filter[0],
+                        self._filter[1])
             self.creds = dict(cur.fetchall())
         # jsonb_hash_extended is in PostgreSQL 11+; without it every company's rows are read
         self.fingerprinted = server_version_num is None or server_version_num >= 110000
         self._fingerprints = {}
         self._error = None
         self._thread = None
-        self._where = (where, args)
 
     def start(self):
         """Have the server compute the fingerprints while the caller goes on (a thread waits for them)."""
-        if self.fingerprinted and self._thread is None and self._where is not None:
-            self._thread = threading.Thread(target=self._read_fingerprints, args=self._where,
-                                            name="br-fingerprints", daemon=True)
-            self._where = None
+        if self.fingerprinted and self._thread is None:
+            self._thread = threading.Thread(target=self._read_fingerprints, name="br-fingerprints", daemon=True)
             self._thread.start()
 
-    def _read_fingerprints(self, where, args):
+    def _read_fingerprints(self):
+        where, args = self._filter
         try:
             with self.conn.cursor() as cur:
                 cur.execute(pgconn.sql.SQL(_FINGERPRINT_SQL).format(self.store.keys, where), args)
@@ -194,9 +193,7 @@ class DatabaseSource:
     def wait(self):
         """Wait for the fingerprints; raise the error that reading them met."""
         self.start()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self.close()
         if self._error is not None:
             raise self._error
 
@@ -222,7 +219,7 @@ class DatabaseSource:
         """Yield full :class:`CompanyState` (key rows read) for ``company_ids`` (default: all)."""
         self.wait()
         if company_ids is None:
-            where, args = _where_companies(self.companies)
+            where, args = self._filter
             rest = self.company_ids if self.fingerprinted else sorted(self.creds)
         else:
             rest = sorted(set(company_ids))
@@ -351,9 +348,10 @@ class ExportOptions:
         self.source_label = source_label
 
 
-def _meta_ok(st, opts):
+def _meta_ok(st, opts, mode):
+    """True when ``st`` has ``mode`` (``opts.mode`` or ``opts.directory_mode``) and opts' owner and group."""
     return (
-        stat.S_IMODE(st.st_mode) == opts.mode
+        stat.S_IMODE(st.st_mode) == mode
         and (opts.uid == -1 or st.st_uid == opts.uid)
         and (opts.gid == -1 or st.st_gid == opts.gid)
     )
@@ -418,6 +416,25 @@ def _file_text(source_text):
     return codec.file_text(source_text)[0]
 
 
+def _company_result(company_id, directory, creds, keys, warnings):
+    """The result of one company before anything is compared (``warnings`` is kept and added to)."""
+    if not creds:
+        warnings.append("company %r has keys but no creds row; creds.json is not written" % (company_id,))
+    return {
+        "company_id": company_id,
+        "directory": directory,
+        "creds": creds,
+        "keys": keys,
+        "written": 0,
+        "unchanged": 0,
+        "removed": 0,
+        "metadata_fixed": 0,
+        "ignored": [],
+        "warnings": warnings,
+        "created": False,
+    }
+
+
 def mirror_company(dest_fd, state, opts, snapshot, publisher):
     """Make ``dest/<company dir>`` mirror one company's state.  Returns a result dict.
 
@@ -429,21 +446,8 @@ def mirror_company(dest_fd, state, opts, snapshot, publisher):
     warnings = []
     wanted = _wanted_files(state, warnings)
     name_warnings = list(warnings)  # kept in the manifest: a verified directory reports them again
-    result = {
-        "company_id": company_id,
-        "directory": os.path.join(opts.dest, dir_name),
-        "creds": state.creds is not None,
-        "keys": len(state.keys),
-        "written": 0,
-        "unchanged": 0,
-        "removed": 0,
-        "metadata_fixed": 0,
-        "ignored": [],
-        "warnings": warnings,
-        "created": False,
-    }
-    if state.creds is None:
-        warnings.append("company %r has keys but no creds row; creds.json is not written" % (company_id,))
+    result = _company_result(company_id, os.path.join(opts.dest, dir_name), state.creds is not None,
+                             len(state.keys), warnings)
     staging = None
     dir_fd, created = None, True
     if dest_fd is not None:  # None: check mode, and dest does not exist yet
@@ -468,10 +472,7 @@ def mirror_company(dest_fd, state, opts, snapshot, publisher):
             except OSError:
                 raise AuthStateError("%s is locked by another export or import; try again" % result["directory"])
             if created or not opts.check_mode:
-                dst = os.fstat(dir_fd)
-                if stat.S_IMODE(dst.st_mode) != opts.directory_mode or (
-                    (opts.uid != -1 and dst.st_uid != opts.uid) or (opts.gid != -1 and dst.st_gid != opts.gid)
-                ):
+                if not _meta_ok(os.fstat(dir_fd), opts, opts.directory_mode):
                     os.fchmod(dir_fd, opts.directory_mode)
                     if opts.uid != -1 or opts.gid != -1:
                         os.fchown(dir_fd, opts.uid, opts.gid)
@@ -527,7 +528,7 @@ def mirror_company(dest_fd, state, opts, snapshot, publisher):
                 if _read_file(dir_fd, name) == data:
                     record["mtime_ns"] = st.st_mtime_ns
                     new_files[name] = record
-                    if _meta_ok(st, opts):
+                    if _meta_ok(st, opts, opts.mode):
                         result["unchanged"] += 1
                     else:
                         meta_fix.append(name)
@@ -643,10 +644,7 @@ def verify_directory(dest_fd, company_id, creds_sha, opts):
             fcntl.flock(dir_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
             return None  # being written: mirror_company reports the lock
-        dst = os.fstat(dir_fd)
-        uid, gid, want_mode = opts.uid, opts.gid, opts.mode
-        if stat.S_IMODE(dst.st_mode) != opts.directory_mode or (uid != -1 and dst.st_uid != uid) or (
-                gid != -1 and dst.st_gid != gid):
+        if not _meta_ok(os.fstat(dir_fd), opts, opts.directory_mode):
             return None
         manifest = _load_manifest(dir_fd)
         files = manifest.get("files")
@@ -665,7 +663,9 @@ def verify_directory(dest_fd, company_id, creds_sha, opts):
             return None
         ignored = []
         present = 0
+        # the loop below runs once per file: _meta_ok inlined, names bound locally
         s_isreg, temp_prefix, manifest_file = stat.S_ISREG, fsutil.TEMP_PREFIX, codec.MANIFEST_FILE
+        uid, gid, want_mode = opts.uid, opts.gid, opts.mode
         with os.scandir(dir_fd) as it:
             for entry in it:
                 name = entry.name
@@ -691,24 +691,10 @@ def verify_directory(dest_fd, company_id, creds_sha, opts):
             return None
     finally:
         os.close(dir_fd)
-    warnings = list(manifest.get("warnings") or ())
-    if creds_sha is None:
-        warnings.append("company %r has keys but no creds row; creds.json is not written" % (company_id,))
     directory = os.path.join(opts.dest, dir_name)
-    result = {
-        "company_id": company_id,
-        "directory": directory,
-        "creds": creds_sha is not None,
-        "keys": counts["keys"],
-        "written": 0,
-        "unchanged": present,
-        "removed": 0,
-        "metadata_fixed": 0,
-        "ignored": sorted(ignored),
-        "warnings": warnings,
-        "created": False,
-        "changed": False,
-    }
+    result = _company_result(company_id, directory, creds_sha is not None, counts["keys"],
+                             list(manifest.get("warnings") or ()))
+    result.update(unchanged=present, ignored=sorted(ignored), changed=False)
     if opts.diff:
         result["diff"] = {"before_header": directory, "after_header": directory, "before": "", "after": ""}
     return manifest["fingerprint"], result
@@ -722,14 +708,14 @@ def _verify_task(task):
         return company_id, None
 
 
-def _verify_directories(dest_fd, source, opts, processes=None):
+def _verify_directories(dest_fd, source, opts):
     """Split ``source``'s companies into verified results and the ids whose rows must be read.
 
     The directories are checked (:func:`verify_directory`: a stat per file, which is syscall
     time) by forked worker processes while the server computes the fingerprints; the
     workers are forked before any thread of this export starts.
     """
-    processes = READ_PROCESSES if processes is None else processes
+    processes = READ_PROCESSES
     try:
         present = set(os.listdir(dest_fd))
     except OSError:  # unreadable dest: mirror_company says so
