@@ -681,6 +681,18 @@ def _spy_reads(monkeypatch):
     return reads
 
 
+def _in_snapshot(db, fn, server_version_num=None):
+    """``fn(source, snapshot)`` with a DatabaseSource of the default store in one export snapshot."""
+    conn = pgconn.connect(db)
+    try:
+        with authstate.snapshot_transaction(conn) as snapshot:
+            source = authstate.DatabaseSource(conn, pgconn.Store.from_params({}), None,
+                                              server_version_num or snapshot["server_version_num"])
+            return fn(source, snapshot)
+    finally:
+        conn.close()
+
+
 def _varied_store(dbconn):
     """Four generated companies plus the cases a verified directory must report again:
     a key id that does not round trip (warning) and a company with keys but no creds row."""
@@ -759,12 +771,7 @@ def test_fingerprint_sees_values_swapped_between_keys(db, dbconn):
     dbconn.commit()
 
     def fingerprint():
-        conn = pgconn.connect(db)
-        try:
-            with authstate.snapshot_transaction(conn):
-                return authstate.DatabaseSource(conn, pgconn.Store.from_params({})).fingerprint("acme")
-        finally:
-            conn.close()
+        return _in_snapshot(db, lambda source, _snapshot: source.fingerprint("acme"))
 
     before = fingerprint()
     dbconn.execute("UPDATE whatsapp_keys SET value = CASE key_id WHEN 'a' THEN '{\"v\": 2}'::jsonb "
@@ -813,15 +820,8 @@ def test_export_compares_file_by_file_when_the_directory_changed(db, dbconn, tmp
 
     # a manifest of another source (an export from a backup file) is not trusted: every company compared
     del reads[:]
-    conn = pgconn.connect(db)
-    try:
-        with authstate.snapshot_transaction(conn) as snapshot:
-            source = authstate.DatabaseSource(conn, pgconn.Store.from_params({}), None,
-                                              snapshot["server_version_num"])
-            res = authstate.export_states(source, authstate.ExportOptions(str(tmp_path), source_label="backup x"),
-                                          snapshot)
-    finally:
-        conn.close()
+    res = _in_snapshot(db, lambda source, snapshot: authstate.export_states(
+        source, authstate.ExportOptions(str(tmp_path), source_label="backup x"), snapshot))
     assert reads == [["company-001", "company-002", "company-003"]]
     assert res["changed"] and res["totals"]["written"] == 0  # the manifests name the new source
 
@@ -865,14 +865,12 @@ def test_directory_checks_in_worker_processes_or_not_agree(db, dbconn, tmp_path,
 def test_server_without_jsonb_hash_reads_every_company(db, dbconn, tmp_path, monkeypatch):
     """PostgreSQL before 11 has no jsonb_hash_extended: no fingerprint, every row read, same files."""
     _varied_store(dbconn)
-    conn = pgconn.connect(db)
-    try:
-        with authstate.snapshot_transaction(conn) as snapshot:
-            source = authstate.DatabaseSource(conn, pgconn.Store.from_params({}), None, 100000)
-            assert source.company_ids is None and source.fingerprint("company-001") is None
-            old = authstate.export_states(source, authstate.ExportOptions(str(tmp_path / "old")), snapshot)
-    finally:
-        conn.close()
+
+    def export_old(source, snapshot):
+        assert source.company_ids is None and source.fingerprint("company-001") is None
+        return authstate.export_states(source, authstate.ExportOptions(str(tmp_path / "old")), snapshot)
+
+    old = _in_snapshot(db, export_old, server_version_num=100000)
     new = export(db, tmp_path / "new")
     assert [c["company_id"] for c in old["companies"]] == [c["company_id"] for c in new["companies"]]
     assert "no-creds" in [c["company_id"] for c in old["companies"]]
