@@ -41,20 +41,33 @@ class AuthStateError(RuntimeError):
     """An error an operator can act on; the message says what and where."""
 
 
+class InvalidCompanyId(AuthStateError):
+    """A company id that cannot name a directory; an export reports it and goes on with the others."""
+
+
 # --------------------------------------------------------------------------- names
 
 
 def check_company_id(company_id):
     """Refuse ids that could leave ``dest`` or hide as dot files."""
     if not isinstance(company_id, str) or not company_id:
-        raise AuthStateError("invalid company id %r: empty" % (company_id,))
+        raise InvalidCompanyId("invalid company id %r: empty" % (company_id,))
+    try:
+        company_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidCompanyId("refusing company id %s: not valid UTF-8" % display_name(company_id))
     bad = [c for c in ("/", "\\", "\x00") if c in company_id]
-    if bad or ".." in company_id or company_id.startswith(".") or len(company_id.encode("utf-8")) > 200:
-        raise AuthStateError(
+    if bad or ".." in company_id or company_id.startswith(".") or len(company_id.encode("utf-8", "replace")) > 200:
+        raise InvalidCompanyId(
             "refusing company id %r: it must not contain '/', '\\', NUL or '..', start with '.', "
             "or be longer than 200 bytes" % (company_id,)
         )
     return company_id
+
+
+def display_name(name):
+    """``name`` (a str from the file system, perhaps with undecodable bytes) as printable text."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace") if isinstance(name, str) else repr(name)
 
 
 class DirTemplate:
@@ -448,6 +461,8 @@ def mirror_company(dest_fd, state, opts, snapshot, publisher):
     name_warnings = list(warnings)  # kept in the manifest: a verified directory reports them again
     result = _company_result(company_id, os.path.join(opts.dest, dir_name), state.creds is not None,
                              len(state.keys), warnings)
+    result["fingerprint"] = state.fingerprint
+    result["creds_sha256"] = _sha(state.creds.encode("utf-8")) if state.creds is not None else None
     staging = None
     dir_fd, created = None, True
     if dest_fd is not None:  # None: check mode, and dest does not exist yet
@@ -694,7 +709,8 @@ def verify_directory(dest_fd, company_id, creds_sha, opts):
     directory = os.path.join(opts.dest, dir_name)
     result = _company_result(company_id, directory, creds_sha is not None, counts["keys"],
                              list(manifest.get("warnings") or ()))
-    result.update(unchanged=present, ignored=sorted(ignored), changed=False)
+    result.update(unchanged=present, ignored=sorted(ignored), changed=False, fingerprint=manifest["fingerprint"],
+                  creds_sha256=creds_sha)
     if opts.diff:
         result["diff"] = {"before_header": directory, "after_header": directory, "before": "", "after": ""}
     return manifest["fingerprint"], result
@@ -882,6 +898,7 @@ def export_states(states, opts, snapshot):
         os.close(dest_fd)
         raise AuthStateError("dest %s is not writable by uid %d" % (dest, os.geteuid()))
     companies = []
+    refused = []
     publisher = None
     try:
         if isinstance(states, DatabaseSource) and states.fingerprinted and dest_fd is not None:
@@ -894,7 +911,12 @@ def export_states(states, opts, snapshot):
             publisher = _Publisher(dest, dest_fd)
         try:
             for state in states:
-                companies.append(mirror_company(dest_fd, state, opts, snapshot, publisher))
+                try:
+                    companies.append(mirror_company(dest_fd, state, opts, snapshot, publisher))
+                except InvalidCompanyId as exc:
+                    # one bad row must not take every company down: the others are exported, the caller
+                    # fails at the end naming this one
+                    refused.append({"company_id": state.company_id, "error": str(exc)})
             if publisher is not None:
                 publisher.close()
         except OSError as exc:
@@ -917,6 +939,7 @@ def export_states(states, opts, snapshot):
         "snapshot_time": snapshot.get("snapshot_time"),
         "source": opts.source_label,
         "companies": companies,
+        "refused": refused,
         "totals": totals,
         "warnings": [w for c in companies for w in c["warnings"]],
         "duration": round(time.monotonic() - started, 3),
@@ -1008,6 +1031,11 @@ def read_directory(company_id, directory, encoding="base64", problems=None):
     for entry in entries:
         name = entry.name
         path = os.path.join(directory, name)
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            problems.append("%s: file name is not valid UTF-8" % display_name(path))
+            continue
         if name == codec.MANIFEST_FILE:
             continue
         if name.startswith(fsutil.TEMP_PREFIX):
@@ -1321,8 +1349,159 @@ def _copy_directly(cur, store, company_ids):
     return cur.fetchone() is None
 
 
+class ImportRefused(AuthStateError):
+    """A guard of a mirroring import refused; nothing was changed.  ``details`` says what it found."""
+
+    def __init__(self, message, details=None):
+        AuthStateError.__init__(self, message)
+        self.details = details or {}
+
+
+STORE_CHANGED_CHOICES = ("fail", "files", "store")
+GUARD_LIST = 20  # rows listed per company in a guard's message
+
+
+class ImportGuards:
+    """What a mirroring import (``prune``) checks before it changes anything, in its transaction.
+
+    * creds: a company directory without ``creds.json`` whose store has a creds row is refused
+      (mirroring it would mean deleting the creds: the account);
+    * ``max_delete_share``: a company whose store would lose more than this share of its key rows
+      is refused (a half-empty directory is more likely a mistake than a truth);
+    * ``handover`` (company id -> ``{"fingerprint", "creds_sha256"}``, what the store held when the
+      service left it, from the failover state file) with ``handover_time``: a company whose store
+      differs from it (another writer kept using the database) and does not already equal the
+      files (a re-run after a committed import) is refused with the rows written since the
+      handover, unless ``on_store_changed`` says which side wins: ``files`` (imported anyway) or
+      ``store`` (the company is left as the store has it).
+    * ``verify``: after the changes, the store's fingerprint and creds of every imported company
+      must equal the files'; otherwise everything is rolled back.
+    """
+
+    def __init__(self, max_delete_share=None, handover=None, handover_time=None, on_store_changed="fail",
+                 verify=True):
+        if on_store_changed not in STORE_CHANGED_CHOICES:
+            raise AuthStateError("on_store_changed must be one of %s" % ", ".join(STORE_CHANGED_CHOICES))
+        if max_delete_share is not None and not 0 <= float(max_delete_share) <= 1:
+            raise AuthStateError("max_delete_share must be between 0 and 1, got %r" % (max_delete_share,))
+        self.max_delete_share = None if max_delete_share is None else float(max_delete_share)
+        self.handover = handover or {}
+        self.handover_time = handover_time
+        self.on_store_changed = on_store_changed
+        self.verify = verify
+
+
+def _fingerprints(cur, table, company_ids):
+    """``{company_id: fingerprint}`` of ``table``'s key rows (the :class:`DatabaseSource` formula)."""
+    where, args = _where_companies(company_ids)
+    cur.execute(pgconn.sql.SQL(_FINGERPRINT_SQL).format(table, where), args)
+    fps = {cid: "%d:%d:%s" % (FINGERPRINT_VERSION, n, total) for cid, n, total in cur.fetchall()}
+    return {cid: fps.get(cid, "%d:0:0" % FINGERPRINT_VERSION) for cid in company_ids}
+
+
+def _creds_view(cur, store, company_ids):
+    """``{company_id: (sha256 of the store's creds text or None, creds equal to the files' or None)}``."""
+    cur.execute(pgconn.sql.SQL(
+        "SELECT u.cid, a.creds::text, a.creds = t.creds FROM unnest(%s::text[]) AS u(cid) "
+        "LEFT JOIN {} a ON a.company_id = u.cid LEFT JOIN br_import_auth t ON t.company_id = u.cid"
+    ).format(store.auth), (list(company_ids),))
+    return {cid: (_sha(text.encode("utf-8")) if text is not None else None, same) for cid, text, same in
+            cur.fetchall()}
+
+
+def _check_guards(cur, store, company_ids, guards, prune):
+    """Apply :class:`ImportGuards` before anything changes; return ``(report, companies to skip)``."""
+    sql = pgconn.sql
+    temp = sql.Identifier("br_import_keys")
+    store_fp = _fingerprints(cur, store.keys, company_ids)
+    files_fp = _fingerprints(cur, temp, company_ids)
+    creds = _creds_view(cur, store, company_ids)
+    report = {"companies": {}, "store_changed": [], "skipped": [], "replaced": {}}
+    problems = []
+    skip = set()
+    for cid in company_ids:
+        creds_sha, creds_same = creds[cid]
+        already = store_fp[cid] == files_fp[cid] and creds_same is not False
+        entry = {"store_fingerprint": store_fp[cid], "files_fingerprint": files_fp[cid], "already_equal": already}
+        report["companies"][cid] = entry
+        handed = guards.handover.get(cid)
+        if handed is None or already:
+            continue
+        if handed.get("fingerprint") in (None, store_fp[cid]) and handed.get("creds_sha256") == creds_sha:
+            continue
+        rows = []
+        if guards.handover_time:
+            cur.execute(sql.SQL(
+                "(SELECT 'creds', '', updated_at FROM {auth} WHERE company_id = %s AND updated_at > %s) UNION ALL "
+                "(SELECT key_type, key_id, updated_at FROM {keys} WHERE company_id = %s AND updated_at > %s "
+                "ORDER BY updated_at DESC LIMIT {n})").format(auth=store.auth, keys=store.keys,
+                                                             n=sql.Literal(GUARD_LIST)),
+                (cid, guards.handover_time, cid, guards.handover_time))
+            rows = ["%s/%s (updated %s)" % (t, i, u.isoformat() if u else "?") for t, i, u in cur.fetchall()]
+        entry["written_since_handover"] = rows
+        report["store_changed"].append(cid)
+        if guards.on_store_changed == "store":
+            skip.add(cid)
+            report["skipped"].append(cid)
+        elif guards.on_store_changed == "fail":
+            problems.append(
+                "company %s: the store changed after the handover (fingerprint %s then, %s now; creds %s); "
+                "another writer used the database while the service ran on files. Rows written since %s: %s. "
+                "Say which side wins: on_store_changed=files (the files replace them) or store (this company "
+                "is left as the store has it)" % (
+                    cid, handed.get("fingerprint"), store_fp[cid],
+                    "changed" if handed.get("creds_sha256") != creds_sha else "unchanged",
+                    guards.handover_time or "the handover", ", ".join(rows) or "none listed (deletions only?)"))
+    if prune:
+        rest = [c for c in company_ids if c not in skip]
+        cur.execute(sql.SQL(
+            "SELECT u.cid, (SELECT count(*) FROM {keys} k WHERE k.company_id = u.cid), "
+            "(SELECT count(*) FROM {keys} k WHERE k.company_id = u.cid AND NOT EXISTS (SELECT 1 FROM {temp} t "
+            "WHERE t.company_id = k.company_id AND t.key_type = k.key_type AND t.key_id = k.key_id)), "
+            "EXISTS (SELECT 1 FROM {auth} a WHERE a.company_id = u.cid), "
+            "EXISTS (SELECT 1 FROM br_import_auth t WHERE t.company_id = u.cid) "
+            "FROM unnest(%s::text[]) AS u(cid)").format(keys=store.keys, temp=temp, auth=store.auth), (rest,))
+        for cid, total, doomed, store_creds, file_creds in cur.fetchall():
+            report["companies"][cid].update(store_keys=total, would_delete=doomed)
+            if store_creds and not file_creds:
+                problems.append("company %s: the files have no creds.json but the store has a creds row; a "
+                                "mirror would delete the account's creds" % cid)
+            if guards.max_delete_share is not None and total and doomed > guards.max_delete_share * total:
+                problems.append("company %s: the files would delete %d of the store's %d keys (%.0f%%, more than "
+                                "max_delete_share %.0f%%)" % (cid, doomed, total, 100.0 * doomed / total,
+                                                              100.0 * guards.max_delete_share))
+        # what the store had that the files replace (the rows an operator may want to look at)
+        cur.execute(sql.SQL(
+            "SELECT k.company_id, k.key_type, k.key_id, CASE WHEN t.company_id IS NULL THEN 'deleted' "
+            "ELSE 'replaced' END FROM {keys} k LEFT JOIN {temp} t USING (company_id, key_type, key_id) "
+            "WHERE k.company_id = ANY(%s) AND (t.company_id IS NULL OR t.value IS DISTINCT FROM k.value) "
+            "ORDER BY k.updated_at DESC LIMIT {n}").format(keys=store.keys, temp=temp,
+                                                            n=sql.Literal(GUARD_LIST * 5)), (rest,))
+        for cid, key_type, key_id, what in cur.fetchall():
+            report["replaced"].setdefault(cid, []).append("%s %s/%s" % (what, key_type, key_id))
+    if problems:
+        raise ImportRefused("refusing to import, nothing was changed:\n  " + "\n  ".join(problems), report)
+    if skip:
+        cur.execute("DELETE FROM br_import_keys WHERE company_id = ANY(%s)", (list(skip),))
+        cur.execute("DELETE FROM br_import_auth WHERE company_id = ANY(%s)", (list(skip),))
+    return report, skip
+
+
+def _verify_mirror(cur, store, company_ids):
+    """Raise when the store's key rows or creds of ``company_ids`` differ from the files'."""
+    store_fp = _fingerprints(cur, store.keys, company_ids)
+    files_fp = _fingerprints(cur, pgconn.sql.Identifier("br_import_keys"), company_ids)
+    creds = _creds_view(cur, store, company_ids)
+    bad = ["%s (store %s, files %s%s)" % (cid, store_fp[cid], files_fp[cid],
+                                          ", creds differ" if creds[cid][1] is False else "")
+           for cid in company_ids if store_fp[cid] != files_fp[cid] or creds[cid][1] is False]
+    if bad:
+        raise ImportRefused("the store does not equal the files after the import, rolled back: " + "; ".join(bad))
+    return store_fp
+
+
 def _apply(conn, store, companies, prune=False, check_mode=False, diff=False, check_creds=False,
-           company_ids=None):
+           company_ids=None, guards=None):
     """COPY ``companies`` (an iterable of :class:`_CompanyData`) and apply them in the caller's transaction.
 
     With ``company_ids`` (every company that ``companies`` will yield), key rows of companies
@@ -1334,7 +1513,8 @@ def _apply(conn, store, companies, prune=False, check_mode=False, diff=False, ch
     cur = conn.cursor()
     store.check_tables(cur)
     cur.execute("SET LOCAL lock_timeout = '30s'")
-    direct = bool(company_ids) and not (prune or check_mode or diff) and _copy_directly(cur, store, company_ids)
+    direct = (bool(company_ids) and not (prune or check_mode or diff or guards) and
+              _copy_directly(cur, store, company_ids))
     if not direct:
         cur.execute("CREATE TEMP TABLE br_import_keys (company_id text, key_type text, key_id text, value jsonb) "
                     "ON COMMIT DROP")
@@ -1358,12 +1538,16 @@ def _apply(conn, store, companies, prune=False, check_mode=False, diff=False, ch
         cur.execute("SELECT 1 FROM br_import_auth WHERE jsonb_typeof(creds) <> 'object' LIMIT 1")
         if cur.fetchone() is not None:
             raise _NeedsStrictRead()
-    if prune or check_mode:
+    if prune or check_mode or guards:
         # the planner needs row counts and key statistics for the joins below; the values are never joined on
         cur.execute("ANALYZE br_import_keys (company_id, key_type, key_id)")
     company_ids = [d.company_id for d in done]
+    guard_report, skip = None, set()
+    if guards is not None:
+        guard_report, skip = _check_guards(cur, store, company_ids, guards, prune)
     per = {cid: {"company_id": cid, "inserted": 0, "updated": 0, "unchanged": 0, "deleted": 0,
-                 "creds": "absent"} for cid in company_ids}
+                 "creds": "absent", "skipped": cid in skip} for cid in company_ids}
+    company_ids = [cid for cid in company_ids if cid not in skip]
     diff_lines = []
     key_counts = None
     if direct:
@@ -1436,11 +1620,17 @@ def _apply(conn, store, companies, prune=False, check_mode=False, diff=False, ch
             per[cid]["deleted"] += 1
             if diff and len(diff_lines) < DIFF_LIMIT:
                 diff_lines.append("- %s %s/%s" % (cid, key_type, key_id))
+    if guards is not None and guards.verify and not check_mode:
+        for cid, fp in _verify_mirror(cur, store, company_ids).items():
+            guard_report["companies"][cid]["store_fingerprint_after"] = fp
     for d in done:
         c = per[d.company_id]
         c["files"] = d.keys + (1 if d.creds is not None else 0)
         c["keys"] = d.keys
-        c["unchanged"] = d.keys - c["inserted"] - c["updated"]
+        c["unchanged"] = 0 if c["skipped"] else d.keys - c["inserted"] - c["updated"]
+        if guard_report is not None:
+            c.update(guard_report["companies"].get(d.company_id, {}))
+            c["replaced"] = guard_report["replaced"].get(d.company_id, [])
     cur.close()
     return per, diff_lines, done
 
@@ -1452,7 +1642,7 @@ def import_states(conn, store, states, prune=False, check_mode=False, diff=False
 
 
 def import_auth_state(conn_params, store_params, src, company_id=None, companies=None, company_dir="{company_id}",
-                      prune=False, buffer_encoding="base64", check_mode=False, diff=False):
+                      prune=False, buffer_encoding="base64", check_mode=False, diff=False, guards=None):
     """Validate every file, then apply all companies in one transaction.
 
     Files stream into PostgreSQL as they are read; if any file is not accepted
@@ -1478,7 +1668,7 @@ def import_auth_state(conn_params, store_params, src, company_id=None, companies
                     # before this session's first temporary table, or it cannot change
                     conn.execute("SET LOCAL temp_buffers = '%s'" % IMPORT_TEMP_BUFFERS)
                     per, diff_lines, done = _apply(conn, store, reader, prune, check_mode, diff, check_creds=True,
-                                                   company_ids=company_ids)
+                                                   company_ids=company_ids, guards=guards)
                     if check_mode:
                         raise _Rollback()
             except _Rollback:
@@ -1507,7 +1697,7 @@ def import_auth_state(conn_params, store_params, src, company_id=None, companies
             try:
                 with conn.transaction():
                     per, diff_lines, done = _apply(conn, store, (_from_state(s) for s in states), prune,
-                                                   check_mode, diff)
+                                                   check_mode, diff, guards=guards)
                     if check_mode:
                         raise _Rollback()
             except _Rollback:
@@ -1527,6 +1717,7 @@ def import_auth_state(conn_params, store_params, src, company_id=None, companies
                                                           "deleted")}
     totals["companies"] = len(companies_out)
     totals["creds_changed"] = sum(1 for c in companies_out if c["creds"] in ("inserted", "updated"))
+    totals["skipped"] = sum(1 for c in companies_out if c["skipped"])
     changed = bool(totals["inserted"] or totals["updated"] or totals["deleted"] or totals["creds_changed"])
     out = {
         "changed": changed,

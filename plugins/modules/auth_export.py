@@ -214,6 +214,12 @@ companies:
     changed:
       description: Whether anything changed for this company.
       type: bool
+    fingerprint:
+      description: The store's fingerprint of the company's key rows in the snapshot (None from a backup).
+      type: str
+    creds_sha256:
+      description: sha256 of the creds JSON text exported (None without a creds row).
+      type: str
 totals:
   description:
     - Sums over all companies (C(companies), C(creds), C(keys), C(written), C(unchanged),
@@ -221,6 +227,13 @@ totals:
   returned: always
   type: dict
   sample: {companies: 1, creds: 1, keys: 1650, written: 1651, unchanged: 0, removed: 0, metadata_fixed: 0}
+refused:
+  description:
+    - Companies whose id cannot name a directory (empty, C(../x), C(a/b), not UTF-8), each with C(company_id) and
+      C(error). Every other company is exported; the task then fails naming these.
+  returned: always
+  type: list
+  elements: dict
 warnings_list:
   description: Non-fatal findings (also shown as task warnings).
   returned: always
@@ -281,6 +294,11 @@ def main():
     result["warnings_list"] = result.pop("warnings")
     if module._diff:
         result["diff"] = diffs
+    if result["refused"]:
+        # every good company was exported; the bad ones fail the task, by name
+        module.fail_json(msg="exported %d compan%s; refused %d: %s" % (
+            result["totals"]["companies"], "y" if result["totals"]["companies"] == 1 else "ies",
+            len(result["refused"]), "; ".join(r["error"] for r in result["refused"])), **result)
     module.exit_json(**result)
 
 

@@ -68,6 +68,38 @@ options:
       - Delete the company's keys that have no file. Only companies being imported are affected.
     type: bool
     default: false
+  mirror:
+    description:
+      - Make the store equal the files for the imported companies (the return from file mode: the files are
+        the truth). Implies O(prune), and in the same transaction, before anything changes, checks the guards
+        below; after the changes, compares the store with the files by fingerprint (key rows) and creds, and
+        rolls everything back if they differ.
+      - Always refused, nothing changed, naming the company, when a company directory has no C(creds.json)
+        but the store has a creds row (the mirror would delete the account's creds).
+    type: bool
+    default: false
+  max_delete_share:
+    description:
+      - With O(mirror), refuse when the files would delete more than this share (0 to 1) of a company's key rows.
+    type: float
+    default: 0.5
+  handover:
+    description:
+      - With O(mirror), what the store held per company when the service left it (C(fingerprint), C(creds_sha256)),
+        as the failover state file recorded it. A company whose store differs from it, and does not already
+        equal the files, was written by someone else since: the import is refused, listing the rows written
+        since O(handover_time), unless O(on_store_changed) says which side wins.
+    type: dict
+  handover_time:
+    description: When the service left the store (UTC, ISO 8601); rows updated later are listed by the guard.
+    type: str
+  on_store_changed:
+    description:
+      - What to do with a company whose store changed after the handover. C(fail) refuses the whole import,
+        C(files) imports the files over it, C(store) leaves that company as the store has it.
+    type: str
+    choices: [fail, files, store]
+    default: fail
   buffer_encoding:
     description:
       - How Buffers are stored. C(base64) is Baileys' own form; C(array) writes the legacy
@@ -142,6 +174,22 @@ companies:
     creds:
       description: What happened to the creds row, C(inserted), C(updated), C(unchanged) or C(absent) (no creds.json).
       type: str
+    skipped:
+      description: Left as the store has it (O(on_store_changed=store)).
+      type: bool
+    store_fingerprint:
+      description: With O(mirror), the fingerprint of the company's key rows in the store before the import.
+      type: str
+    files_fingerprint:
+      description: With O(mirror), the fingerprint of the company's key files.
+      type: str
+    store_fingerprint_after:
+      description: With O(mirror), outside check mode, the store's fingerprint after the import (equal to the files').
+      type: str
+    replaced:
+      description: With O(mirror), up to 100 store rows that the files replace or delete (C(replaced|deleted type/id)).
+      type: list
+      elements: str
 totals:
   description: Sums over all companies.
   returned: always
@@ -174,6 +222,11 @@ def main():
             companies=dict(type="list", elements="str"),
             company_dir=dict(type="str", default="{company_id}"),
             prune=dict(type="bool", default=False),
+            mirror=dict(type="bool", default=False),
+            max_delete_share=dict(type="float", default=0.5),
+            handover=dict(type="dict"),
+            handover_time=dict(type="str"),
+            on_store_changed=dict(type="str", choices=["fail", "files", "store"], default="fail"),
             buffer_encoding=dict(type="str", choices=["base64", "array"], default="base64"),
         ),
         mutually_exclusive=[("company_id", "companies")],
@@ -182,11 +235,17 @@ def main():
     p = module.params
     conn_params, store_params = pgconn.split_params(p)
     try:
+        guards = None
+        if p["mirror"]:
+            guards = authstate.ImportGuards(max_delete_share=p["max_delete_share"], handover=p["handover"],
+                                            handover_time=p["handover_time"], on_store_changed=p["on_store_changed"])
         result = authstate.import_auth_state(
             conn_params, store_params, p["src"], company_id=p["company_id"], companies=p["companies"],
-            company_dir=p["company_dir"], prune=p["prune"], buffer_encoding=p["buffer_encoding"],
-            check_mode=module.check_mode, diff=module._diff,
+            company_dir=p["company_dir"], prune=p["prune"] or p["mirror"], buffer_encoding=p["buffer_encoding"],
+            check_mode=module.check_mode, diff=module._diff, guards=guards,
         )
+    except authstate.ImportRefused as exc:
+        module.fail_json(msg=str(exc), refused=exc.details)
     except (authstate.AuthStateError, pgconn.PgError) as exc:
         module.fail_json(msg=str(exc))
     for warning in result["warnings"][:20]:

@@ -303,23 +303,32 @@ def test_missing_tables_clear_message(db, dbconn, tmp_path):
         authstate.import_auth_state(db, {"schema": "other"}, str(tmp_path))
 
 
-@pytest.mark.parametrize("bad_id", ["../evil", "a/b", "..", ".hidden", "x\x00y"])
+@pytest.mark.parametrize("bad_id", ["../evil", "a/b", "..", ".hidden", "", "x\x00y"])
 def test_company_id_escaping_dest_is_refused(db, dbconn, tmp_path, bad_id):
-    dbconn.execute("INSERT INTO whatsapp_auth (company_id, creds) VALUES (%s, '{}')", (bad_id.replace("\x00", ""),)
-                   if "\x00" not in bad_id else ("ok",))
+    # One bad row must not take every company down (issue 10): the good companies are exported, the bad
+    # one is reported in `refused` (the module then fails the task naming it), nothing leaves dest.
+    load_into(dbconn, generate(2, seed=31, form="base64", mix=SMALL_MIX))
+    if "\x00" not in bad_id:
+        dbconn.execute("INSERT INTO whatsapp_auth (company_id, creds) VALUES (%s, '{}')", (bad_id,))
+        dbconn.execute("INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) "
+                       "VALUES (%s, 'pre-key', '1', '{}')", (bad_id,))
     dbconn.commit()
     dest = tmp_path / "inner" / "dest"
     dest.parent.mkdir()
-    if "\x00" in bad_id:
+    if "\x00" in bad_id:  # asked for by the operator: an input error, nothing exported
         with pytest.raises(authstate.AuthStateError, match="refusing company id"):
             export(db, dest, companies=[bad_id])
         return
-    with pytest.raises(authstate.AuthStateError, match="refusing company id"):
-        export(db, dest)
+    res = export(db, dest)
+    assert [r["company_id"] for r in res["refused"]] == [bad_id]
+    assert "company id" in res["refused"][0]["error"]
+    assert [c["company_id"] for c in res["companies"]] == ["company-001", "company-002"]
     assert sorted(os.listdir(tmp_path)) == ["inner"]
-    assert os.listdir(tmp_path / "inner") in ([], ["dest"])
-    if (tmp_path / "inner" / "dest").exists():
-        assert os.listdir(dest) == []
+    assert sorted(os.listdir(tmp_path / "inner")) == ["dest"]
+    assert sorted(os.listdir(dest)) == ["company-001", "company-002"]
+    # a second run exports nothing new and still reports the bad row
+    again = export(db, dest)
+    assert not again["changed"] and [r["company_id"] for r in again["refused"]] == [bad_id]
 
 
 def test_company_dir_template(db, dbconn, tmp_path):
