@@ -32,7 +32,8 @@ def count(conn, sql, args=()):
 
 
 def store_snapshot(conn):
-    rows = conn.execute("SELECT company_id, key_type, key_id, value::text FROM whatsapp_keys ORDER BY 1, 2, 3").fetchall()
+    rows = conn.execute("SELECT company_id, key_type, key_id, value::text FROM whatsapp_keys "
+                        "ORDER BY 1, 2, 3").fetchall()
     creds = conn.execute("SELECT company_id, creds::text FROM whatsapp_auth ORDER BY 1").fetchall()
     conn.commit()
     return rows, creds

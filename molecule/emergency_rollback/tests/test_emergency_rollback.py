@@ -1,7 +1,7 @@
 """Verify of the emergency_rollback scenario (testinfra on the app host, after side_effect.yml).
 
-State expected: the service is back on PostgreSQL after a rollback from the database (converge), a rollback
-from the local backup with the database down (side_effect), 5 keys written in file mode and return_to_postgres.
+State expected: the service is back on PostgreSQL after the rollbacks and returns of converge and side_effect
+(see side_effect.yml), its writer journaling every acknowledged write; the journal checker found nothing lost.
 """
 
 import json
@@ -20,7 +20,7 @@ ENV_FILE = "/srv/whatsapp/app.env"
 PM2 = "/opt/baileys-standin/node_modules/.bin/pm2"
 PM2_HOME = "/srv/whatsapp/.pm2"
 REFERENCE_KEYS = 1650
-NEW_KEYS = 5
+STATE_FILE = "/srv/whatsapp/.baileys-resilience-failover.json"
 RECOVERY_LIMIT = 30.0
 
 
@@ -40,10 +40,12 @@ def _result(name):
 def test_recovery_time_under_30_seconds(source):
     report = _result(f"rollback-{source}.json")
     seconds = float(report["recovery_seconds"])
-    print(f"RECOVERY source={source} seconds={seconds} keys={report['keys']} reason={report['reason']}")
+    print(f"RECOVERY source={source} seconds={seconds} downtime={report['downtime_seconds']} keys={report['keys']}"
+          f" reason={report['reason']}")
     assert report["source"] == source
-    assert int(report["keys"]) == REFERENCE_KEYS and int(report["creds"]) == 1
+    assert int(report["creds"]) == 1 and abs(int(report["keys"]) - REFERENCE_KEYS) < 300
     assert seconds < RECOVERY_LIMIT, f"recovery from {source} took {seconds}s (limit {RECOVERY_LIMIT}s)"
+    assert 0 < float(report["downtime_seconds"]) <= seconds
 
 
 def test_backup_rollback_said_why():
@@ -53,11 +55,27 @@ def test_backup_rollback_said_why():
     assert report["backup_file"].startswith("/var/backups/baileys-resilience/baileys-auth-")
 
 
-def test_return_brought_the_new_keys_home():
-    report = _result("return.json")
-    assert int(report["inserted"]) == NEW_KEYS
-    assert int(report["store_keys"]) == REFERENCE_KEYS + NEW_KEYS
-    assert len(report["added_in_file_mode"]) == NEW_KEYS
+def test_returns_imported_the_files_as_a_mirror():
+    for name in ("return.json", "return-after-backup.json"):
+        report = _result(name)
+        assert report["imported"] and report["env_restored"], (name, report)
+        # the writer added and consumed keys on files: both reach the store
+        assert int(report["inserted"]) > 0 and int(report["deleted"]) > 0, (name, report)
+
+
+def test_both_kills_landed_mid_handover():
+    kills = _result("kills.json")
+    for what, mode in (("rollback", "switching-to-files"), ("return", "switching-to-postgres")):
+        assert kills[what]["killed"] and kills[what]["mode_seen"] == mode, kills
+
+
+def test_journal_checker_lost_0_resurrected_0_wrong_0():
+    check = _result("journal-check.json")
+    window = check.get("rpo_window") or {}
+    print(f"JOURNAL ops={check['ops']} keys={check['keys_checked']} lost={check['lost']} "
+          f"resurrected={check['resurrected']} wrong={check['wrong']} rpo_window={window}")
+    assert check["ops"] > 500, check  # the writer ran through the whole scenario
+    assert (check["lost"], check["resurrected"], check["wrong"]) == (0, 0, 0), check.get("examples")
 
 
 def test_session_directories_are_0700_and_files_0600(host):
@@ -71,10 +89,16 @@ def test_session_directories_are_0700_and_files_0600(host):
     assert not bad, bad[:10]
     names = [path.rsplit("/", 1)[1] for path in entries if path.startswith(COMPANY_DIR + "/")]
     assert "creds.json" in names
-    # not creds.json, not the export's manifest (.baileys-resilience-manifest.json)
-    key_files = [n for n in names if n.endswith(".json") and n != "creds.json" and not n.startswith(".")]
-    # the reference mix exported, plus the 5 pre-keys the service wrote in file mode
-    assert len(key_files) == REFERENCE_KEYS + NEW_KEYS, len(key_files)
+
+
+def test_state_file_says_postgres_0600(host):
+    out = host.check_output(f"stat -c '%U %a' {STATE_FILE}; cat {STATE_FILE}")
+    first, body = out.split("\n", 1)
+    assert first == "root 600", first
+    state = json.loads(body)
+    assert state["mode"] == "postgres"
+    modes = [h["mode"] for h in state["history"]]
+    assert modes.count("files") >= 3 and modes.count("postgres") >= 3, modes
 
 
 def test_env_file_is_restored(host):
@@ -99,23 +123,10 @@ def test_pm2_process_is_online(host):
     assert env["restart_time"] >= 3  # rollback (database), rollback (backup), return
 
 
-def test_service_is_back_on_postgres_with_the_new_count(host):
+def test_service_is_back_on_postgres(host):
     script = ("import urllib.request; "
               "print(urllib.request.urlopen('http://127.0.0.1:3000/health', timeout=5).read().decode())")
     health = json.loads(host.check_output(f"python3 -c {shlex.quote(script)}"))
     assert health["status"] == "ok"
     assert health["mode"] == "postgres"
     assert health["creds"] == 1
-    assert health["keys"] == REFERENCE_KEYS + NEW_KEYS
-    assert health["per_company"][COMPANY]["keys"] == REFERENCE_KEYS + NEW_KEYS
-
-
-def test_store_holds_the_keys_written_in_file_mode(host):
-    ids = _result("return.json")["added_in_file_mode"]
-    sql = ("SELECT (SELECT count(*) FROM whatsapp_keys"
-           " WHERE company_id = '%s' AND key_type = 'pre-key' AND key_id IN (%s))"
-           " || ' ' || (SELECT count(*) FROM whatsapp_keys WHERE company_id = '%s')"
-           % (COMPANY, ", ".join("'%s'" % i for i in ids), COMPANY))
-    out = host.check_output("PGPASSWORD=er-baileys-pw /usr/lib/postgresql/18/bin/psql -h er-pg18 -U baileys -d whatsapp"
-                            " -tAX -c " + shlex.quote(sql))
-    assert out == f"{NEW_KEYS} {REFERENCE_KEYS + NEW_KEYS}", out
