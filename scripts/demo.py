@@ -29,6 +29,7 @@ DEMO = os.path.join(ROOT, ".demo")
 VENV_BIN = os.path.dirname(sys.executable)
 sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, ".build", "collections")]
 
+import journal_check  # noqa: E402
 from authgen import generate, load_into  # noqa: E402
 from pgserver import PgServer, free_port  # noqa: E402
 
@@ -293,6 +294,11 @@ class Demo:
         self.step("emergency_rollback --check --diff", secs,
                   "would export %s files from %s; nothing changed" % (would["files_written"], would["source"]),
                   untouched and would["source"] == "backup" and int(would["files_written"]) == self.n_keys + 1)
+        # from here the stand-in's writer changes keys like a live session (about 20 writes a second) and journals
+        # every acknowledged write; the rollback restarts the service, which reads its environment file
+        self.journal = os.path.join(DEMO, "service", "journal.jsonl")
+        with open(self.env_file, "a") as fh:
+            fh.write("WRITER=on\nWRITER_RATE=20\nWRITER_JOURNAL=%s\n" % self.journal)
         res, secs = self.playbook("emergency_rollback.yml", self.fv)
         report = next(r["failover_rollback_report"] for r in res.values() if "failover_rollback_report" in r)
         h = self.health(mode="files")
@@ -304,8 +310,10 @@ class Demo:
         req = urllib.request.Request("http://127.0.0.1:%d/keys?company=%s&count=5" % (self.service_port, COMPANY),
                                      method="POST")
         with urllib.request.urlopen(req, timeout=10) as r:
-            added = json.loads(r.read())["added"]
-        self.step("new keys written in file mode", time.monotonic() - t, "%d pre-keys" % added, added == 5)
+            self.added = json.loads(r.read())["ids"]
+        time.sleep(2)  # the writer keeps writing on files
+        self.step("new keys written in file mode", time.monotonic() - t, "%d pre-keys" % len(self.added),
+                  len(self.added) == 5)
 
     def return_to_postgres(self):
         t = time.monotonic()
@@ -315,10 +323,25 @@ class Demo:
         h = self.health(mode="postgres")
         creds, keys = self.store_counts()
         env_back = "USE_REPOSITORY_PATTERN=true" in open(self.env_file).read()
-        ok = keys == self.n_keys + 5 and (h["creds"], h["keys"]) == (creds, keys) and env_back
+        conn = pgconn.connect(self.server.params("whatsapp"))
+        try:
+            home = conn.execute("SELECT count(*) FROM whatsapp_keys WHERE key_type = 'pre-key' AND key_id = ANY(%s)",
+                                (self.added,)).fetchone()[0]
+        finally:
+            conn.close()
+        ok = home == 5 and h["creds"] == creds and env_back  # key counts move: the writer is on
         report = next(r["failover_return_report"] for r in res.values() if "failover_return_report" in r)
-        inserted = int(report["inserted"])
-        self.step("return_to_postgres", secs, "%d inserted, store %d keys, service ok" % (inserted, keys), ok)
+        self.step("return_to_postgres", secs, "%s inserted, %s deleted, store %d keys" % (
+            report["inserted"], report["deleted"], keys), ok)
+        # the writer goes on on PostgreSQL; then it is stopped (no write in flight) and its journal checked
+        time.sleep(2)
+        t = time.monotonic()
+        self.pm2("stop", "whatsapp")
+        check = journal_check.run(self.journal, pg=self.server.params("whatsapp"))
+        self.step("journal check (writer, every ack'd write)", time.monotonic() - t,
+                  "ops %d, lost %d, resurrected %d, wrong %d" % (check["ops"], check["lost"], check["resurrected"],
+                                                                 check["wrong"]),
+                  check["ops"] > 50 and (check["lost"], check["resurrected"], check["wrong"]) == (0, 0, 0))
 
     def run(self):
         t0 = time.monotonic()

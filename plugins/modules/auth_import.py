@@ -70,7 +70,7 @@ options:
     default: false
   mirror:
     description:
-      - Make the store equal the files for the imported companies (the return from file mode: the files are
+      - Make the store equal the files for the imported companies (the return from file mode, where the files are
         the truth). Implies O(prune), and in the same transaction, before anything changes, checks the guards
         below; after the changes, compares the store with the files by fingerprint (key rows) and creds, and
         rolls everything back if they differ.
@@ -87,7 +87,7 @@ options:
     description:
       - With O(mirror), what the store held per company when the service left it (C(fingerprint), C(creds_sha256)),
         as the failover state file recorded it. A company whose store differs from it, and does not already
-        equal the files, was written by someone else since: the import is refused, listing the rows written
+        equal the files, was written by someone else since; the import is refused, listing the rows written
         since O(handover_time), unless O(on_store_changed) says which side wins.
     type: dict
   handover_time:

@@ -18,7 +18,7 @@ description:
     C(switching-to-postgres)); since when; from which source the files were seeded; which run set it;
     and per company the fingerprint of what was handed over.
   - Every failover entry point reads it first and acts from it. A missing file means C(postgres). A
-    damaged file fails the task: guessing could overwrite files newer than the store.
+    damaged file fails the task (guessing could overwrite files newer than the store).
   - Written atomically (temporary file, fsync, rename, directory fsync), mode 0600, its directory 0700 when
     created. Nothing is written when nothing changes.
 author:
@@ -47,8 +47,8 @@ options:
     type: str
   source:
     description:
-      - What the files were seeded from, for example C({kind: database, snapshot_time: ...}) or
-        C({kind: backup, backup_file: ..., sha256: ...}).
+      - What the files were seeded from, for example C(kind=database) with C(snapshot_time), or C(kind=backup)
+        with C(backup_file) and C(sha256).
     type: dict
   companies:
     description:
