@@ -23,6 +23,7 @@ for path in (COLLECTIONS, os.path.join(ROOT, "tests")):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+import baileys_node  # noqa: E402
 from pgserver import PgServer  # noqa: E402
 
 from ansible_collections.baileys.resilience.plugins.module_utils import pgconn  # noqa: E402
@@ -65,6 +66,12 @@ def dbconn(db):
     conn = pgconn.connect(db)
     yield conn
     conn.close()
+
+
+@pytest.fixture(scope="session")
+def node():
+    """``node`` able to run the pinned Baileys in tests/compat (skips when Node.js is missing)."""
+    return baileys_node.find_node()
 
 
 @pytest.fixture(scope="session")

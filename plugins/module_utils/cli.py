@@ -254,8 +254,10 @@ def build_parser():
     p = sub.add_parser("verify", parents=[common], help="verify a backup (default: the newest valid one)")
     p.add_argument("backup_path", nargs="?", metavar="BACKUP", help="path of a .dump file")
 
-    p = sub.add_parser("cleanup", parents=[common], help="delete old signal keys (never the protected ones)")
-    p.add_argument("--check", action="store_true", help="count what would be deleted, delete nothing")
+    p = sub.add_parser("cleanup", parents=[common],
+                       help="delete old signal keys the retention rules let go (never pre-keys, app-state keys...)")
+    p.add_argument("--check", action="store_true",
+                   help="list what each retention rule keeps and would delete, delete nothing")
     p.add_argument("--confirm-large-delete", action="store_true", default=None,
                    help="delete even when more keys than max_delete are candidates")
     p.add_argument("--older-than-days", type=int, metavar="N", help="age limit by updated_at (default 30)")
@@ -565,6 +567,7 @@ def job_cleanup(ctx, log):
         verb, n, result["batches"], ", ".join("%s=%d" % kv for kv in sorted(
             (result.get("candidates_by_type") if args.check else result.get("deleted_by_type") or {}).items()))
         or "none", result["sizes_before"]["total_bytes"], result["sizes_after"]["total_bytes"])
+    summary += "\nretention rules (docs/key-retention.md):\n" + cleanup.rules_text(result["rules"])
     return Outcome(result, summary, metrics=_cleanup_metrics(result))
 
 
@@ -576,6 +579,8 @@ def _cleanup_metrics(r):
          "gauge", [({}, r.get("would_delete", 0))]),
         ("baileys_resilience_cleanup_stopped", "1 if the last cleanup stopped at max_delete.", "gauge",
          [({}, int(bool(r.get("stopped"))))]),
+        ("baileys_resilience_cleanup_kept_old_keys", "Old keys the last cleanup run kept, per retention rule.",
+         "gauge", [({"rule": rule["name"]}, rule["kept_old"]) for rule in r.get("rules", [])]),
         ("baileys_resilience_keys_table_size_bytes", "Keys table size after the last cleanup.", "gauge",
          [({}, (r.get("sizes_after") or {}).get("total_bytes"))]),
     ]

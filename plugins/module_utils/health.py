@@ -6,12 +6,16 @@
 No Ansible import: the ``auth_state_info`` module and ``baileys-resilience health`` call
 :func:`collect`.  Read only: nothing in the database or in the backup directory is changed.
 
-Collected: per company key counts (by type), expired keys, ``updated_at`` age buckets, table and
-index sizes, probe query latency (p50/p95/p99 of ``probes`` primary-key lookups, the query Baileys
-runs most), and the newest backup read from the manifests in ``backup_dir`` (format in
-docs/backup-format.md; this module does not depend on backup.py).  Each check is ``ok``,
-``warning`` or ``critical`` against :data:`DEFAULT_THRESHOLDS`; the overall status is the worst one,
-and :data:`EXIT_CODES` maps it to 0/1/2.
+Collected: per company key counts (by type); old keys split by the cleanup's retention rules
+(cleanup.RULES, docs/key-retention.md) into *stale* (``stale_keys``: not updated for
+``stale_key_days``; ``expired_keys``: past ``expires_at``; both only keys the rules let go, the only
+ones checked against thresholds) and *old but live* (``old_live_keys``: kept by a rule, such as
+unconsumed pre-keys); the live pre-key count (uploaded, not consumed: the server-side supply Baileys
+relies on); ``updated_at`` age buckets; table and index sizes; probe query latency (p50/p95/p99 of
+``probes`` primary-key lookups, the query Baileys runs most); and the newest backup read from the
+manifests in ``backup_dir`` (format in docs/backup-format.md; this module does not depend on backup.py).
+Each check is ``ok``, ``warning`` or ``critical`` against :data:`DEFAULT_THRESHOLDS`; the overall status is
+the worst one, and :data:`EXIT_CODES` maps it to 0/1/2.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -22,7 +26,7 @@ import os
 import re
 import time
 
-from . import pgconn
+from . import cleanup, pgconn
 
 __metaclass__ = type
 
@@ -34,7 +38,7 @@ DEFAULT_THRESHOLDS = {
     "latency_p95_critical_ms": 1000.0,
     "backup_age_warning_hours": 26.0,
     "backup_age_critical_hours": 50.0,
-    # keys older than this many days (by updated_at) mean cleanup is not running; None disables
+    # deletable keys older than this many days (by updated_at) mean cleanup is not running; None disables
     "stale_key_days": 30,
     "stale_keys_warning": None,
     "expired_keys_warning": None,
@@ -172,7 +176,16 @@ def backup_status(backup_dir, prefix="baileys-auth", verify_checksum=False, now=
 # --------------------------------------------------------------------------- database
 
 
+def _new_company(cid):
+    return {"company_id": cid, "creds": False, "keys": 0, "by_type": {}, "expired_keys": 0, "stale_keys": 0,
+            "old_live_keys": 0, "old_live_by_type": {}, "live_pre_keys": None, "unuploaded_pre_keys": None}
+
+
 def _store_stats(conn, store, thresholds, companies=None):
+    """Per company and in total: keys by type; ``stale_keys`` (``updated_at`` older than
+    ``stale_key_days``) and ``expired_keys`` (``expires_at`` passed) counting only keys the cleanup rules
+    let go; ``old_live_keys`` (old by either measure but kept by a rule, such as unconsumed pre-keys);
+    ``live_pre_keys`` and ``unuploaded_pre_keys`` (cleanup.pre_key_supply)."""
     sql = pgconn.sql
     cur = conn.cursor()
     store.check_tables(cur)
@@ -181,55 +194,61 @@ def _store_stats(conn, store, thresholds, companies=None):
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s "
         "AND a.attname = 'expires_at' AND NOT a.attisdropped", (store.schema, store.keys_table))
     has_expires = cur.fetchone() is not None
-    expired = sql.SQL("count(*) FILTER (WHERE expires_at < now())") if has_expires else sql.SQL("0")
+    expired = sql.SQL("k.expires_at < now()") if has_expires else sql.SQL("FALSE")
     stale_days = int(thresholds.get("stale_key_days") or 30)
+    old = sql.SQL("k.updated_at < now() - make_interval(days => {})").format(sql.Literal(stale_days))
+    deletable = cleanup.deletable_sql()
     where = sql.SQL("")
     args = ()
     if companies:
-        where = sql.SQL(" WHERE company_id = ANY(%s)")
+        where = sql.SQL(" WHERE k.company_id = ANY(%s)")
         args = (list(companies),)
     cur.execute(
         sql.SQL(
-            "SELECT company_id, key_type, count(*), {expired}, "
-            "count(*) FILTER (WHERE updated_at < now() - make_interval(days => {days})), "
-            "count(*) FILTER (WHERE updated_at > now() - interval '1 day'), "
-            "count(*) FILTER (WHERE updated_at <= now() - interval '1 day' "
-            "AND updated_at > now() - interval '7 days'), "
-            "count(*) FILTER (WHERE updated_at <= now() - interval '7 days' "
-            "AND updated_at > now() - interval '14 days'), "
-            "count(*) FILTER (WHERE updated_at <= now() - interval '14 days' "
-            "AND updated_at > now() - interval '30 days'), "
-            "count(*) FILTER (WHERE updated_at <= now() - interval '30 days') "
-            "FROM {keys}{where} GROUP BY 1, 2 ORDER BY 1, 2"
-        ).format(expired=expired, days=sql.Literal(stale_days), keys=store.keys, where=where),
+            "SELECT k.company_id, k.key_type, count(*), "
+            "count(*) FILTER (WHERE ({expired}) AND {deletable}), "
+            "count(*) FILTER (WHERE {old} AND {deletable}), "
+            "count(*) FILTER (WHERE (({expired}) OR {old}) AND NOT {deletable}), "
+            "count(*) FILTER (WHERE k.updated_at > now() - interval '1 day'), "
+            "count(*) FILTER (WHERE k.updated_at <= now() - interval '1 day' "
+            "AND k.updated_at > now() - interval '7 days'), "
+            "count(*) FILTER (WHERE k.updated_at <= now() - interval '7 days' "
+            "AND k.updated_at > now() - interval '14 days'), "
+            "count(*) FILTER (WHERE k.updated_at <= now() - interval '14 days' "
+            "AND k.updated_at > now() - interval '30 days'), "
+            "count(*) FILTER (WHERE k.updated_at <= now() - interval '30 days') "
+            "FROM {keys} k{where} GROUP BY 1, 2 ORDER BY 1, 2"
+        ).format(expired=expired, old=old, deletable=deletable, keys=store.keys, where=where),
         args,
     )
     per = {}
     buckets = dict.fromkeys(BUCKETS, 0)
-    for cid, key_type, n, n_expired, n_stale, *b in cur.fetchall():
-        c = per.setdefault(cid, {"company_id": cid, "creds": False, "keys": 0, "by_type": {}, "expired_keys": 0,
-                                 "stale_keys": 0})
+    for cid, key_type, n, n_expired, n_stale, n_old_live, *b in cur.fetchall():
+        c = per.setdefault(cid, _new_company(cid))
         c["keys"] += n
         c["by_type"][key_type] = n
         c["expired_keys"] += n_expired
         c["stale_keys"] += n_stale
+        c["old_live_keys"] += n_old_live
+        if n_old_live:
+            c["old_live_by_type"][key_type] = n_old_live
         for name, value in zip(BUCKETS, b):
             buckets[name] += value
+    auth_where = sql.SQL(" WHERE company_id = ANY(%s)") if companies else sql.SQL("")
     cur.execute(
         sql.SQL(
             "SELECT company_id, updated_at, CASE WHEN jsonb_typeof(creds->'nextPreKeyId') = 'number' "
-            "THEN ((creds->>'nextPreKeyId')::numeric - 1)::bigint::text END, "
-            "CASE WHEN jsonb_typeof(creds->'signedPreKey'->'keyId') = 'number' "
-            "THEN ((creds->'signedPreKey'->>'keyId')::numeric)::bigint::text END FROM {auth}{where}"
-        ).format(auth=store.auth, where=where),
+            "THEN ((creds->>'nextPreKeyId')::numeric - 1)::bigint::text END FROM {auth}{where}"
+        ).format(auth=store.auth, where=auth_where),
         args,
     )
     creds_rows = cur.fetchall()
-    for cid, updated_at, highest, _signed in creds_rows:
-        c = per.setdefault(cid, {"company_id": cid, "creds": False, "keys": 0, "by_type": {}, "expired_keys": 0,
-                                 "stale_keys": 0})
+    supply = cleanup.pre_key_supply(cur, store, companies)
+    for cid, updated_at, highest in creds_rows:
+        c = per.setdefault(cid, _new_company(cid))
         c["creds"] = True
         c["creds_updated_at"] = updated_at.isoformat() if updated_at else None
+        c.update(supply.get(cid, {}))
         c["highest_pre_key_present"] = None
         if highest is not None:
             cur.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE company_id = %s AND key_type = 'pre-key' "
@@ -252,6 +271,8 @@ def _store_stats(conn, store, thresholds, companies=None):
         "keys": sum(c["keys"] for c in companies_out),
         "expired_keys": sum(c["expired_keys"] for c in companies_out),
         "stale_keys": sum(c["stale_keys"] for c in companies_out),
+        "old_live_keys": sum(c["old_live_keys"] for c in companies_out),
+        "live_pre_keys": sum(c["live_pre_keys"] or 0 for c in companies_out),
     }
     cur.close()
     return companies_out, totals, buckets, sizes, has_expires
@@ -329,8 +350,11 @@ def collect(conn_params, store_params, backup_dir=None, backup_prefix="baileys-a
             limit = t.get(key)
             if limit is not None:
                 n = totals[name]
+                # only keys the retention rules let go; old but live keys (unconsumed pre-keys...) never alert
                 checks.append({"name": name, "status": "warning" if n > int(limit) else "ok",
-                               "detail": "%d %s (warning above %d)" % (n, name.replace("_", " "), int(limit))})
+                               "detail": "%d %s the cleanup may delete (warning above %d; %d old but live keys "
+                                         "kept by rule not counted)" % (n, name.replace("_", " "), int(limit),
+                                                                         totals["old_live_keys"])})
     except (pgconn.PgError, pgconn.psycopg.Error) as exc:
         checks.append({"name": "database", "status": "critical",
                        "detail": pgconn._scrub(exc, conn_params)})
@@ -359,8 +383,15 @@ def prom_metrics(h):
     ]
     if h.get("totals"):
         m.append(("baileys_resilience_keys", "Signal keys in the store.", "gauge", [({}, h["totals"]["keys"])]))
-        m.append(("baileys_resilience_expired_keys", "Keys past expires_at.", "gauge",
-                  [({}, h["totals"]["expired_keys"])]))
+        m.append(("baileys_resilience_expired_keys", "Keys past expires_at that the retention rules let go.",
+                  "gauge", [({}, h["totals"]["expired_keys"])]))
+        m.append(("baileys_resilience_stale_keys", "Keys not updated for stale_key_days that the retention rules "
+                  "let go (what the cleanup deletes).", "gauge", [({}, h["totals"]["stale_keys"])]))
+        m.append(("baileys_resilience_old_live_keys", "Old keys kept by a retention rule (unconsumed pre-keys, "
+                  "app-state keys...); never alerted on.", "gauge", [({}, h["totals"]["old_live_keys"])]))
+        m.append(("baileys_resilience_live_pre_keys", "Uploaded, unconsumed one-time pre-keys per company "
+                  "(the server-side supply Baileys relies on).", "gauge",
+                  [({"company_id": c["company_id"]}, c.get("live_pre_keys")) for c in h["companies"]]))
         m.append(("baileys_resilience_companies", "Companies in the store.", "gauge",
                   [({}, h["totals"]["companies"])]))
         m.append(("baileys_resilience_keys_by_age", "Keys per updated_at age bucket.", "gauge",
@@ -392,12 +423,16 @@ def render_text(h):
         lines.append("  %-12s %-8s %s" % (c["name"], c["status"], c["detail"]))
     if h.get("totals"):
         t = h["totals"]
-        lines.append("companies: %d (with creds %d)  keys: %d  expired: %d  stale: %d" % (
-            t["companies"], t["companies_with_creds"], t["keys"], t["expired_keys"], t["stale_keys"]))
+        lines.append("companies: %d (with creds %d)  keys: %d  may be deleted: stale %d, expired %d  "
+                     "old but live (kept by rule): %d  live pre-keys: %d" % (
+                         t["companies"], t["companies_with_creds"], t["keys"], t["stale_keys"], t["expired_keys"],
+                         t["old_live_keys"], t["live_pre_keys"]))
         lines.append("age buckets: " + "  ".join("%s=%d" % kv for kv in h["age_buckets"].items()))
         for c in h["companies"][:50]:
-            lines.append("  %-30s creds=%s keys=%d expired=%d %s" % (
-                c["company_id"], "yes" if c["creds"] else "NO", c["keys"], c["expired_keys"],
+            live = c.get("live_pre_keys")
+            lines.append("  %-30s creds=%s keys=%d stale=%d expired=%d old-live=%d live-pre-keys=%s %s" % (
+                c["company_id"], "yes" if c["creds"] else "NO", c["keys"], c["stale_keys"], c["expired_keys"],
+                c["old_live_keys"], "?" if live is None else live,
                 " ".join("%s=%d" % kv for kv in sorted(c["by_type"].items()))))
     for label, s in (h.get("table_sizes") or {}).items():
         lines.append("table %s (%s): table %d B, indexes %d B, total %d B" % (

@@ -12,9 +12,13 @@ module: auth_state_info
 short_description: Health of a Baileys auth-state store in PostgreSQL and of its backups
 version_added: 0.1.0
 description:
-  - Reports, per company, key counts by type, expired keys (C(expires_at) in the past) and keys not
-    updated for C(stale_key_days); the C(updated_at) age buckets of all keys; the table and index sizes;
-    the latency (p50/p95/p99) of O(probes) primary-key lookups, the query Baileys runs most.
+  - Reports, per company, key counts by type; old keys split by the cleanup's retention rules
+    (C(docs/key-retention.md)) into stale ones, which the cleanup may delete (C(stale_keys), not updated for
+    C(stale_key_days); C(expired_keys), C(expires_at) in the past), and old but live ones, kept by a rule
+    (C(old_live_keys), for example unconsumed pre-keys); the live pre-key count (uploaded and not consumed, the
+    server-side supply Baileys relies on); the C(updated_at) age buckets of all keys; the table and index
+    sizes; the latency (p50/p95/p99) of O(probes) primary-key lookups, the query Baileys runs most.
+  - Only stale keys are checked against thresholds; old but live keys never raise a warning.
   - With O(backup_dir), reads the backup manifests there (docs/backup-format.md) and reports the newest
     backup, the newest valid one and its age.
   - Grades each check C(ok), C(warning) or C(critical) against O(thresholds) and returns the worst as
@@ -60,7 +64,8 @@ options:
     description:
       - Overrides of the default thresholds C(latency_p95_warning_ms) (100), C(latency_p95_critical_ms) (1000),
         C(backup_age_warning_hours) (26), C(backup_age_critical_hours) (50), C(stale_key_days) (30),
-        C(stale_keys_warning) (unset, no check) and C(expired_keys_warning) (unset, no check).
+        C(stale_keys_warning) (unset, no check) and C(expired_keys_warning) (unset, no check). The two key
+        checks count only keys the retention rules let the cleanup delete.
     type: dict
     default: {}
   fail_on:
@@ -114,13 +119,17 @@ database:
   type: dict
 companies:
   description:
-    - Per company C(company_id), C(creds), C(keys), C(by_type), C(expired_keys), C(stale_keys),
-      C(highest_pre_key_present).
+    - Per company C(company_id), C(creds), C(keys), C(by_type), C(stale_keys) and C(expired_keys) (keys the
+      cleanup may delete), C(old_live_keys) and C(old_live_by_type) (old keys kept by a retention rule),
+      C(live_pre_keys) (pre-key ids below C(creds.firstUnuploadedPreKeyId), so uploaded and not consumed),
+      C(unuploaded_pre_keys) (ids at or above it; both V(null) without creds), C(highest_pre_key_present).
   returned: always
   type: list
   elements: dict
 totals:
-  description: C(companies), C(companies_with_creds), C(keys), C(expired_keys), C(stale_keys).
+  description:
+    - C(companies), C(companies_with_creds), C(keys), C(stale_keys), C(expired_keys), C(old_live_keys),
+      C(live_pre_keys).
   returned: when the database is reachable
   type: dict
 age_buckets:

@@ -9,21 +9,26 @@ __metaclass__ = type
 DOCUMENTATION = r"""
 ---
 module: keys_cleanup
-short_description: Delete old Baileys signal keys from PostgreSQL, never the ones a session needs
+short_description: Delete old Baileys signal keys from PostgreSQL, never one Baileys may still need
 version_added: 0.1.0
 description:
   - Deletes keys older than O(older_than_days) days by C(updated_at), or past their C(expires_at),
-    as chosen by O(age_column).
-  - Never deletes creds (the auth table is not touched), C(app-state-sync-key) or
-    C(app-state-sync-version) rows, the pre-key the creds' signed pre-key points at
-    (C(creds.signedPreKey.keyId)) or the highest pre-key (C(creds.nextPreKeyId - 1)), whose absence
-    makes Baileys re-upload pre-keys. Pre-keys of a company without a creds row, or whose pointers are not
-    numbers, are never deleted either.
+    as chosen by O(age_column), when the retention rule of their type lets them go. The rules, their
+    reasons and the Baileys source lines they rest on are in C(docs/key-retention.md).
+  - Never deleted, whatever their age, creds (the auth table is not touched); C(pre-key) rows (an
+    uploaded, unconsumed one-time pre-key is live on WhatsApp's server until a new contact uses it, and
+    one not uploaded yet is read back by the next upload); C(app-state-sync-key) and
+    C(app-state-sync-version); C(identity-key); C(lid-mapping); key types the rules do not know.
+  - Deleted by age, C(session), C(sender-key), C(sender-key-memory) and C(device-list), which Baileys
+    rebuilds (retry receipts and pre-key bundle fetches re-establish a session); C(tctoken) rows only
+    once Baileys itself would treat both their timestamps as expired, never the C(__index) row.
   - Deletes in batches of O(batch_size) rows, one short transaction per batch, rows picked by primary key
     with C(FOR UPDATE SKIP LOCKED), so the running service is never blocked for long.
   - A run that would delete more than O(max_delete) keys deletes nothing and fails, unless
     O(confirm_large_delete=true). Check mode fails the same way (it predicts the real run) and returns
     the counts and age buckets, so the preview shows what a confirmed run would delete.
+  - Returns, per retention rule (RV(rules)), how many old keys it keeps and how many it deletes (check
+    mode, would delete).
   - Reports the age buckets of all keys and of the candidates, and the table and index size before and after.
 author:
   - baileys.resilience contributors
@@ -33,13 +38,15 @@ extends_documentation_fragment:
 attributes:
   check_mode:
     support: full
-    description: Counts exactly what would be deleted (same counts as a real run) and deletes nothing.
+    description: Counts exactly what would be deleted (same counts as a real run), lists per retention rule
+      what it keeps and would delete, and deletes nothing.
   diff_mode:
     support: none
 options:
   older_than_days:
     description:
-      - Keys whose C(updated_at) is older than this many days are candidates.
+      - Keys whose C(updated_at) is older than this many days are candidates, if their retention rule lets
+        them go.
     type: int
     default: 30
   age_column:
@@ -92,7 +99,7 @@ EXAMPLES = r"""
     login_password: "{{ vault_baileys_db_password }}"
     login_db: whatsapp
 
-- name: What would go? (check mode reports counts and age buckets)
+- name: What would go? (check mode reports counts, age buckets and what each retention rule keeps)
   baileys.resilience.keys_cleanup:
     login_unix_socket: /var/run/postgresql
     login_db: whatsapp
@@ -128,10 +135,29 @@ deleted_by_type:
   returned: when keys were deleted
   type: dict
 protected_old_keys:
-  description: Old keys kept because they are protected (C(pre-key) for pointed-at pre-keys, C(app-state)).
+  description:
+    - Old keys kept by a retention rule, per rule that keeps keys (C(pre-key), C(app-state), C(identity-key),
+      C(lid-mapping), C(tctoken), C(other) for unknown key types).
   returned: always
   type: dict
-  sample: {pre-key: 2, app-state: 17}
+  sample: {pre-key: 800, app-state: 17, identity-key: 12, lid-mapping: 8, tctoken: 1, other: 0}
+kept_old_by_type:
+  description: Old keys kept by a retention rule, per key type.
+  returned: always
+  type: dict
+  sample: {pre-key: 800, identity-key: 12}
+rules:
+  description:
+    - The retention rules, in order, with what each did in this run.
+    - C(name), C(types), C(deletes) (V(never), V(by_age) or V(by_age_once_expired)), C(reason), C(source) (the
+      Baileys source lines the rule rests on), C(kept_old) (old keys it kept), C(candidates) (old keys it lets go)
+      and, after a real run, C(deleted).
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - {name: pre-key, types: [pre-key], deletes: never, kept_old: 800, candidates: 0, deleted: 0}
+    - {name: session, types: [session], deletes: by_age, kept_old: 0, candidates: 22, deleted: 22}
 age_buckets:
   description: All keys per C(updated_at) age bucket before the run (C(0-1d), C(1-7d), C(7-14d), C(14-30d), C(>30d)).
   returned: always

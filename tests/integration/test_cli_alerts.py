@@ -112,7 +112,7 @@ def run(args):
 
 def test_failed_job_alerts_and_keeps_its_exit_code(db, dbconn, tmp_path, receiver):
     cfg = setup(tmp_path, db, dbconn, receiver.port)
-    code, out, err = run(["--config", cfg, "cleanup"])  # 18 candidates > max_delete 5
+    code, out, err = run(["--config", cfg, "cleanup"])  # 10 candidates (the sessions; pre-keys are kept) > max_delete 5
     assert code == cli.EXIT_FAILED
     checkins = receiver.checkins()
     assert [c["status"] for c in checkins] == ["in_progress", "error"]

@@ -9,11 +9,12 @@ import os
 import subprocess
 
 import authgen
+import baileys_node
 import pgserver
 import pytest
 import yaml
 
-from ansible_collections.baileys.resilience.plugins.module_utils import cli, health
+from ansible_collections.baileys.resilience.plugins.module_utils import cleanup, cli, health, jobs
 
 STORE = {"schema": "public", "auth_table": "whatsapp_auth", "keys_table": "whatsapp_keys"}
 MIX = {"pre-key": 10, "session": 8, "app-state-sync-key": 2, "lid-mapping": 4}
@@ -69,11 +70,14 @@ def test_collect_content(db, loaded):
     assert c1["keys"] == sum(MIX.values()) and c2["keys"] == sum(MIX.values()) - 1
     assert c1["by_type"] == MIX and c2["by_type"]["pre-key"] == 9
     assert c1["expired_keys"] == 4 and c2["expired_keys"] == 0
-    assert c1["stale_keys"] == 2
+    # the two 40-day-old pre-keys are unconsumed, so live on the server: old but live, not stale
+    assert c1["stale_keys"] == 0 and c1["old_live_keys"] == 2 and c1["old_live_by_type"] == {"pre-key": 2}
+    assert c1["live_pre_keys"] == 10 and c2["live_pre_keys"] == 9
+    assert c1["unuploaded_pre_keys"] == c2["unuploaded_pre_keys"] == 0
     assert c1["creds"] is True and c1["highest_pre_key_present"] is True
     assert c2["highest_pre_key_present"] is False
     assert h["totals"] == {"companies": 2, "companies_with_creds": 2, "keys": 2 * sum(MIX.values()) - 1,
-                           "expired_keys": 4, "stale_keys": 2}
+                           "expired_keys": 4, "stale_keys": 0, "old_live_keys": 2, "live_pre_keys": 19}
     assert h["age_buckets"] == {"0-1d": 2 * sum(MIX.values()) - 1 - 5, "1-7d": 0, "7-14d": 3, "14-30d": 0,
                                 ">30d": 2}
     assert h["table_sizes"]["keys"]["total_bytes"] >= h["table_sizes"]["keys"]["index_bytes"] > 0
@@ -100,6 +104,47 @@ def test_missing_creds_and_thresholds(db, loaded, dbconn):
     assert h["status"] == "critical" and h["exit_code"] == 2
     with pytest.raises(health.HealthError):
         health.collect(db, STORE, thresholds={"latency": 1})
+
+
+@pytest.mark.compat
+def test_new_account_pre_keys_are_live_not_stale(node, db, dbconn, tmp_path):
+    """A new account's 812 pre-keys written by Baileys, 12 consumed through removePreKey, 3 not uploaded,
+    everything 40 days old (pre-keys also past an expires_at): the pre-keys are counted as live, never as
+    stale or expired, and only the keys the cleanup may delete raise the stale-key warning."""
+    creds, _keys, info = baileys_node.new_account(node, 12, 3)
+    _c, other = authgen.generate(1, seed=4, form="base64", mix={"session": 6, "device-list": 2,
+                                                                 "app-state-sync-key": 2})["company-001"]
+    authgen.load_into(dbconn, {"acme": (creds, {**_keys, **other})})
+    dbconn.execute("UPDATE whatsapp_keys SET updated_at = now() - interval '40 days'")
+    dbconn.execute("UPDATE whatsapp_keys SET expires_at = now() - interval '1 day' WHERE key_type = 'pre-key'")
+    dbconn.commit()
+    live = len(info["uploaded"]) - len(info["consumed"])
+    assert live == 800
+    thresholds = {"stale_keys_warning": 0, "expired_keys_warning": 0}
+    h = health.collect(db, STORE, probes=3, thresholds=thresholds)
+    (acme,) = h["companies"]
+    assert acme["live_pre_keys"] == live and acme["unuploaded_pre_keys"] == 3
+    # stale: Baileys' 12 sessions, 6 more sessions, 2 device lists
+    assert acme["stale_keys"] == 12 + 6 + 2 and acme["expired_keys"] == 0
+    assert acme["old_live_by_type"] == {"pre-key": live + 3, "identity-key": 12, "app-state-sync-key": 2}
+    checks = {c["name"]: c for c in h["checks"]}
+    assert checks["stale_keys"]["status"] == "warning" and checks["expired_keys"]["status"] == "ok"
+    assert h["status"] == "warning"
+    prom = jobs.prom_text(health.prom_metrics(h))
+    assert 'baileys_resilience_live_pre_keys{company_id="acme"} %d' % live in prom
+    assert "baileys_resilience_stale_keys 20" in prom and "baileys_resilience_expired_keys 0" in prom
+    assert "baileys_resilience_old_live_keys %d" % (live + 3 + 12 + 2) in prom
+    text = health.render_text(h)
+    assert "may be deleted: stale 20, expired 0" in text and "old but live (kept by rule): 817" in text
+    assert "live pre-keys: 800" in text and "live-pre-keys=800" in text
+
+    # once the cleanup has run only live keys are old: nothing alerts, the supply is untouched
+    cleanup.cleanup_keys(db, STORE, confirm_large_delete=True, vacuum=False)
+    h = health.collect(db, STORE, probes=3, thresholds=thresholds)
+    assert h["status"] == "ok", h["checks"]
+    (acme,) = h["companies"]
+    assert (acme["stale_keys"], acme["expired_keys"], acme["live_pre_keys"]) == (0, 0, live)
+    assert acme["old_live_keys"] == live + 3 + 12 + 2
 
 
 def test_unreachable_database_is_critical(db):
