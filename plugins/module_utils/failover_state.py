@@ -52,15 +52,22 @@ def default_state():
             "handover_time": None, "stopped_at": None, "note": None, "history": []}
 
 
-def read(path):
-    """The state in ``path`` (the default ``postgres`` state when there is no file)."""
+def read(path, legacy_files_marker=None):
+    """The state in ``path``.  Without a file: ``files`` when ``legacy_files_marker`` exists (a service
+    rolled back before this file existed left it, e.g. the environment file's ``.pre-rollback`` copy),
+    else ``postgres``."""
     if not path or not os.path.isabs(path):
         raise StateError("the failover state path must be absolute, got %r" % (path,))
     try:
         with open(path, "rb") as fh:
             raw = fh.read()
     except FileNotFoundError:
-        return default_state()
+        state = default_state()
+        if legacy_files_marker and os.path.exists(legacy_files_marker):
+            state["mode"] = "files"
+            state["note"] = "no state file; %s exists: rolled back before the state file existed" % (
+                legacy_files_marker,)
+        return state
     except OSError as exc:
         raise StateError("cannot read the failover state %s: %s" % (path, exc.strerror or exc))
     try:
@@ -99,7 +106,7 @@ def handover_entries(companies):
     return out
 
 
-def update(path, changes, check_mode=False, now=None):
+def update(path, changes, check_mode=False, now=None, legacy_files_marker=None):
     """Merge ``changes`` (keys from :data:`FIELDS`) into the state; return ``(before, after, changed)``.
 
     A change of ``mode`` sets ``since`` (unless given) and appends to ``history``.  ``companies``
@@ -112,7 +119,7 @@ def update(path, changes, check_mode=False, now=None):
         raise StateError("mode must be one of %s, got %r" % (", ".join(MODES), changes["mode"]))
     if "companies" in changes:
         changes = dict(changes, companies=handover_entries(changes["companies"]))
-    before = read(path)
+    before = read(path, legacy_files_marker)
     after = json.loads(json.dumps(before))
     after.update({k: v for k, v in changes.items()})
     if changes.get("mode") and changes["mode"] != before["mode"]:

@@ -64,6 +64,11 @@ options:
   note:
     description: Free text shown in reports.
     type: str
+  legacy_files_marker:
+    description:
+      - A path whose existence means C(files) when there is no state file yet, for a service rolled back before
+        the state file existed (the failover role passes the environment file's C(.pre-rollback) copy).
+    type: path
 seealso:
   - module: baileys.resilience.auth_export
   - module: baileys.resilience.auth_import
@@ -123,6 +128,7 @@ def main():
             handover_time=dict(type="str"),
             stopped_at=dict(type="str"),
             note=dict(type="str"),
+            legacy_files_marker=dict(type="path"),
         ),
         supports_check_mode=True,
     )
@@ -131,9 +137,10 @@ def main():
     exists = os.path.exists(p["path"]) if p["path"] else False
     try:
         if changes:
-            before, after, changed = failover_state.update(p["path"], changes, check_mode=module.check_mode)
+            before, after, changed = failover_state.update(p["path"], changes, check_mode=module.check_mode,
+                                                           legacy_files_marker=p["legacy_files_marker"])
         else:
-            before = after = failover_state.read(p["path"])
+            before = after = failover_state.read(p["path"], p["legacy_files_marker"])
             changed = False
     except failover_state.StateError as exc:
         module.fail_json(msg=str(exc))

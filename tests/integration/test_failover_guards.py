@@ -181,3 +181,13 @@ def test_damaged_state_file_is_an_error_not_postgres(tmp_path):
         failover_state.read(str(path))
     with pytest.raises(failover_state.StateError, match="unknown failover state field"):
         failover_state.update(str(tmp_path / "x.json"), {"bogus": 1})
+
+
+def test_legacy_marker_means_files_until_a_state_is_written(tmp_path):
+    path, marker = str(tmp_path / "state.json"), tmp_path / "app.env.pre-rollback"
+    assert failover_state.read(path, str(marker))["mode"] == "postgres"
+    marker.write_text("USE_REPOSITORY_PATTERN=true\n")
+    state = failover_state.read(path, str(marker))
+    assert state["mode"] == "files" and "rolled back before the state file existed" in state["note"]
+    failover_state.update(path, {"mode": "postgres", "run_id": "r2"})
+    assert failover_state.read(path, str(marker))["mode"] == "postgres"  # the file, once written, decides
