@@ -897,6 +897,8 @@ def export_states(states, opts, snapshot):
     if dest_fd is not None and not opts.check_mode and not os.access(dest, os.W_OK):
         os.close(dest_fd)
         raise AuthStateError("dest %s is not writable by uid %d" % (dest, os.geteuid()))
+    if dest_fd is not None and dest_created and (opts.uid != -1 or opts.gid != -1):
+        os.fchown(dest_fd, opts.uid, opts.gid)  # created for the service user, who must read it
     companies = []
     refused = []
     publisher = None

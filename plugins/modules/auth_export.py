@@ -104,6 +104,16 @@ options:
     description:
       - The C(.dump) file to read with O(source=backup).
     type: path
+  state_file:
+    description:
+      - A failover state file (see M(baileys.resilience.failover_state)) in which a successful export records what
+        it handed over, in the same task (the source (O(state_source) plus C(kind) and C(snapshot_time)), the
+        C(handover_time) and per company the fingerprint, creds sha256 and key count). Not written in check mode.
+    type: path
+  state_source:
+    description: More about the source for O(state_file), for example C(backup_file), C(sha256), C(s3_object).
+    type: dict
+    default: {}
   pg_bin_dir:
     description:
       - Directory of C(pg_restore) for O(source=backup) (the pg_client role's C(pg_client_bin_dir)).
@@ -247,7 +257,7 @@ duration:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.baileys.resilience.plugins.module_utils import authstate, backup, pgconn
+from ansible_collections.baileys.resilience.plugins.module_utils import authstate, backup, failover_state, pgconn
 
 
 def main():
@@ -266,6 +276,8 @@ def main():
             source=dict(type="str", choices=["database", "backup"], default="database"),
             backup_file=dict(type="path"),
             pg_bin_dir=dict(type="path"),
+            state_file=dict(type="path"),
+            state_source=dict(type="dict", default={}),
         ),
         required_if=[("source", "backup", ["backup_file"])],
         supports_check_mode=True,
@@ -288,6 +300,14 @@ def main():
             result = authstate.export_from_database(conn_params, store_params, opts, p["companies"])
     except (authstate.AuthStateError, pgconn.PgError, backup.BackupError) as exc:
         module.fail_json(msg=str(exc))
+    if p["state_file"] and not module.check_mode:
+        source = dict(p["state_source"], kind=p["state_source"].get("kind") or p["source"],
+                      snapshot_time=result.get("snapshot_time"))
+        try:
+            failover_state.update(p["state_file"], {"source": source, "companies": result["companies"],
+                                                    "handover_time": result.get("snapshot_time")})
+        except failover_state.StateError as exc:
+            module.fail_json(msg="exported, but %s" % exc, **result)
     diffs = [c.pop("diff") for c in result["companies"] if "diff" in c]
     for warning in result["warnings"][:20]:
         module.warn(warning)
