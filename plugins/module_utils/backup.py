@@ -5,11 +5,12 @@
 
 No Ansible import: the modules ``pg_backup`` and ``backup_verify``, the
 ``source: backup`` export and the cron command-line tool all call these
-functions.  The artefacts follow docs/backup-format.md:
+functions.  The artefacts follow docs/backup-format.md, whose rules (names,
+manifest format, the checks) live in backup_format.py:
 
-* ``<prefix>-<YYYYmmdd>T<HHMMSS>Z.dump`` (``pg_dump --format=custom``), written as
-  ``<name>.partial`` and renamed only after it has been validated;
-* ``<name>.manifest.json`` beside it, written atomically afterwards.
+* the dump (``pg_dump --format=custom``), written as ``<name>.partial`` and
+  renamed only after it has been validated;
+* its manifest beside it, written atomically afterwards.
 
 A backup is valid only when its manifest says it was validated and the dump's
 size and sha256 match the manifest.  Every failure raises :class:`BackupError`
@@ -20,7 +21,6 @@ from __future__ import absolute_import, division, print_function
 
 import datetime
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import time
 
+from . import backup_format
 from . import baileys_codec as codec
 from . import fsutil
 from . import pgconn
@@ -37,16 +38,15 @@ from . import pgtools
 
 __metaclass__ = type
 
-FORMAT = 1
-MANIFEST_SUFFIX = ".manifest.json"
-PARTIAL_SUFFIX = ".partial"
-DUMP_SUFFIX = ".dump"
 MAGIC = b"PGDMP"
 # a custom-format archive of even an empty database is larger than this
 MIN_DUMP_SIZE = 512
 VERIFY_DB_PREFIX = "baileys_verify_"
-DEFAULT_PREFIX = "baileys-auth"
-_STAMP = "%Y%m%dT%H%M%SZ"
+# the backup file rules live in backup_format; these names stay importable from here
+DEFAULT_PREFIX = backup_format.DEFAULT_PREFIX
+MANIFEST_SUFFIX = backup_format.MANIFEST_SUFFIX
+backup_name = backup_format.backup_name
+_iso = backup_format.stamp_iso
 
 
 class BackupError(RuntimeError):
@@ -57,7 +57,7 @@ class BackupError(RuntimeError):
 
 
 def _check_prefix(prefix):
-    if not prefix or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", prefix) or len(prefix) > 100:
+    if not prefix or not re.match("^%s$" % backup_format.PREFIX_PATTERN, prefix) or len(prefix) > 100:
         raise BackupError("prefix %r must be letters, digits, '.', '_' or '-' and not start with '.'" % (prefix,))
     return prefix
 
@@ -70,74 +70,17 @@ def _utc(now=None):
     return now.astimezone(datetime.timezone.utc).replace(microsecond=0)
 
 
-def backup_name(prefix, when):
-    return "%s-%s%s" % (prefix, when.strftime(_STAMP), DUMP_SUFFIX)
-
-
-def _name_re(prefix):
-    return re.compile(r"^%s-(\d{8}T\d{6}Z)%s$" % (re.escape(prefix), re.escape(DUMP_SUFFIX)))
-
-
-def _iso(stamp):
-    """'20261124T030000Z' -> '2026-11-24T03:00:00Z'."""
-    return "%s-%s-%sT%s:%s:%sZ" % (stamp[0:4], stamp[4:6], stamp[6:8], stamp[9:11], stamp[11:13], stamp[13:15])
-
-
-def sha256_file(path):
-    """``(hex sha256, size)`` of a file, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while True:
-            chunk = fh.read(1024 * 1024)
-            if not chunk:
-                break
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
 def read_manifest(manifest_path):
     """The parsed manifest; raises :class:`BackupError` when absent or unreadable."""
     try:
-        with open(manifest_path, "rb") as fh:
-            data = json.loads(fh.read().decode("utf-8"))
+        _raw, data = backup_format.load_manifest(manifest_path)
     except FileNotFoundError:
         raise BackupError("no manifest %s" % manifest_path)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise BackupError("unreadable manifest %s: %s" % (manifest_path, exc))
     if not isinstance(data, dict):
         raise BackupError("manifest %s is not a JSON object" % manifest_path)
     return data
-
-
-def manifest_problem(dump_path, manifest, verify_checksum=False):
-    """Why a dump + manifest pair is not a valid backup, or ``None``."""
-    name = os.path.basename(dump_path)
-    if manifest.get("format") != FORMAT:
-        return "manifest format %r is not %d" % (manifest.get("format"), FORMAT)
-    if manifest.get("file") != name:
-        return "manifest is for %r, not %r" % (manifest.get("file"), name)
-    validated = manifest.get("validated") or {}
-    if not (isinstance(validated, dict) and validated.get("restore_list") is True
-            and validated.get("row_counts") is True):
-        return "manifest does not record a successful validation"
-    try:
-        st = os.stat(dump_path, follow_symlinks=False)
-    except OSError as exc:
-        return "dump unreadable: %s" % (exc.strerror or exc)
-    if not stat.S_ISREG(st.st_mode):
-        return "dump is not a regular file"
-    if st.st_size != manifest.get("size"):
-        return "size %d differs from the manifest's %r" % (st.st_size, manifest.get("size"))
-    if verify_checksum:
-        try:
-            sha, _size = sha256_file(dump_path)
-        except OSError as exc:
-            return "dump unreadable: %s" % (exc.strerror or exc)
-        if sha != manifest.get("sha256"):
-            return "sha256 %s differs from the manifest's %s" % (sha, manifest.get("sha256"))
-    return None
 
 
 def _entry(backup_dir, name, stamp, verify_checksum):
@@ -153,7 +96,7 @@ def _entry(backup_dir, name, stamp, verify_checksum):
     except BackupError as exc:
         entry["reason"] = str(exc)
         return entry
-    entry["reason"] = manifest_problem(path, entry["manifest"], verify_checksum)
+    entry["reason"] = backup_format.backup_problem(path, entry["manifest"], verify_checksum)
     entry["valid"] = entry["reason"] is None
     return entry
 
@@ -167,7 +110,7 @@ def list_backups(backup_dir, prefix=DEFAULT_PREFIX, verify_checksum=False):
     size is compared with the manifest.
     """
     _check_prefix(prefix)
-    pattern = _name_re(prefix)
+    pattern = backup_format.name_re(prefix)
     try:
         names = os.listdir(backup_dir)
     except FileNotFoundError:
@@ -193,7 +136,7 @@ def newest_valid_backup(backup_dir, prefix=DEFAULT_PREFIX, verify_checksum=True)
         if not entry["valid"]:
             continue
         if verify_checksum:
-            entry["reason"] = manifest_problem(entry["path"], entry["manifest"], True)
+            entry["reason"] = backup_format.backup_problem(entry["path"], entry["manifest"], True)
             entry["valid"] = entry["reason"] is None
             if not entry["valid"]:
                 continue
@@ -272,10 +215,9 @@ def apply_retention(backup_dir, prefix=DEFAULT_PREFIX, keep_daily=7, keep_monthl
 
 def remove_stale_partials(backup_dir, prefix=DEFAULT_PREFIX, check_mode=False):
     """Remove what a killed run left: ``<name>.partial`` and half-written manifests.  Returns the names."""
-    dump_re = re.compile(r"^%s-\d{8}T\d{6}Z%s%s$" % (re.escape(prefix), re.escape(DUMP_SUFFIX),
-                                                    re.escape(PARTIAL_SUFFIX)))
-    tmp_re = re.compile(r"^%s\d+-%s-\d{8}T\d{6}Z%s%s$" % (re.escape(fsutil.TEMP_PREFIX), re.escape(prefix),
-                                                         re.escape(DUMP_SUFFIX), re.escape(MANIFEST_SUFFIX)))
+    dump_re = backup_format.name_re(prefix, backup_format.PARTIAL_SUFFIX)
+    tmp_re = re.compile(r"^%s\d+-%s$" % (re.escape(fsutil.TEMP_PREFIX),
+                                         backup_format.name_pattern(prefix, MANIFEST_SUFFIX)))
     removed = []
     try:
         names = os.listdir(backup_dir)
@@ -350,7 +292,7 @@ def _tables_for(manifest, store_params):
 def _load_valid(backup_path, verify_checksum=True):
     backup_path = os.path.abspath(backup_path)
     manifest = read_manifest(backup_path + MANIFEST_SUFFIX)
-    problem = manifest_problem(backup_path, manifest, verify_checksum)
+    problem = backup_format.backup_problem(backup_path, manifest, verify_checksum)
     if problem:
         raise BackupError("%s is not a valid backup: %s" % (backup_path, problem))
     return backup_path, manifest
@@ -439,7 +381,7 @@ def _open_backup_dir(backup_dir, check_mode):
 
 def _dump(conn, conn_params, store, bin_dir, compress, path):
     """pg_dump into ``<path>.partial`` in a snapshot whose counts we take; validate; rename.  Returns partial info."""
-    partial = path + PARTIAL_SUFFIX
+    partial = path + backup_format.PARTIAL_SUFFIX
     started = time.monotonic()
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
@@ -482,7 +424,7 @@ def _dump(conn, conn_params, store, bin_dir, compress, path):
     try:
         validated = validate_dump(bin_dir, partial, {"schema": store.schema, "auth_table": store.auth_table,
                                                      "keys_table": store.keys_table}, counts)
-        sha, size = sha256_file(partial)
+        sha, size = backup_format.sha256_file(partial)
     except BaseException:
         fsutil._unlink_quiet(partial)
         raise
@@ -572,13 +514,14 @@ def run_backup(conn_params, store_params, backup_dir, pg_bin_dir=None, prefix=DE
         if not force:
             for entry in backups:
                 if entry["valid"] and entry["created_at"][:10] == today:
-                    problem = manifest_problem(entry["path"], entry["manifest"], verify_checksum=True)
+                    problem = backup_format.backup_problem(entry["path"], entry["manifest"], verify_checksum=True)
                     if problem is None:
                         result.update(skipped=True, backup=entry["path"], manifest=entry["manifest"],
                                       msg="a valid backup of %s already exists: %s" % (today, entry["name"]))
                         result["duration"] = round(time.monotonic() - started, 3)
                         return result
         name = backup_name(prefix, now)
+        created_at = _iso(now.strftime(backup_format.STAMP_FORMAT))
         path = os.path.join(backup_dir, name)
         month = now.strftime("%Y-%m")
         kind = "daily" if any(b["valid"] and b["created_at"][:7] == month and b["name"] != name
@@ -587,7 +530,7 @@ def run_backup(conn_params, store_params, backup_dir, pg_bin_dir=None, prefix=DE
         result["changed"] = True
         if check_mode:
             pretend = {"name": name, "path": path, "manifest_path": path + MANIFEST_SUFFIX,
-                       "created_at": _iso(now.strftime(_STAMP)), "manifest": {"kind": kind}, "valid": True}
+                       "created_at": created_at, "manifest": {"kind": kind}, "valid": True}
             others = [b for b in backups if b["name"] != name]
             result["deleted"] = apply_retention(backup_dir, prefix, keep_daily, keep_monthly, (name,), True,
                                                 backups=[pretend] + others)
@@ -602,10 +545,10 @@ def run_backup(conn_params, store_params, backup_dir, pg_bin_dir=None, prefix=DE
             raise pgconn.PgError("backup failed while reading %s: %s" % (pgconn.describe(conn_params),
                                                                          pgconn._scrub(exc, conn_params)))
         manifest = {
-            "format": FORMAT,
+            "format": backup_format.FORMAT,
             "file": name,
             "kind": kind,
-            "created_at": _iso(now.strftime(_STAMP)),
+            "created_at": created_at,
             "sha256": info["sha256"],
             "size": info["size"],
             "compression": compression,

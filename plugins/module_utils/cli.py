@@ -28,7 +28,7 @@ import sys
 import time
 
 from . import alerts as alerts_mod
-from . import authstate, cleanup, health, jobs, pgconn
+from . import authstate, backup_format, cleanup, health, jobs, pgconn
 
 __metaclass__ = type
 
@@ -322,6 +322,9 @@ class Context:
     def section(self, name):
         return self.config.get(name) or {}
 
+    def backup_prefix(self):
+        return self.section("backup").get("prefix") or backup_format.DEFAULT_PREFIX
+
     def need(self, key, what):
         value = self.config.get(key)
         if not value:
@@ -436,7 +439,7 @@ def job_backup(ctx, log):
         result = backup.run_backup(
             ctx.conn_params, ctx.store_params, ctx.need("backup_dir", "backup"),
             pg_bin_dir=ctx.config.get("pg_bin_dir"),
-            prefix=ctx.section("backup").get("prefix") or "baileys-auth", force=bool(ctx.args.force),
+            prefix=ctx.backup_prefix(), force=bool(ctx.args.force),
             keep_daily=int(retention.get("keep_daily", 7)), keep_monthly=int(retention.get("keep_monthly", 4)),
             check_mode=bool(ctx.args.check))
         manifest = result.get("manifest") or {}
@@ -475,7 +478,7 @@ def _s3_settings(ctx, check_mode=False):
 
 def _replicate(ctx, log, check_mode=False):
     s3, cfg, settings = _s3_settings(ctx, check_mode)
-    prefix = cfg.get("name_prefix") or ctx.section("backup").get("prefix") or "baileys-auth"
+    prefix = cfg.get("name_prefix") or ctx.backup_prefix()
     with log.step("replicate") as step:
         result = s3.replicate(ctx.need("backup_dir", "replicate"), cfg["targets"], settings, name_prefix=prefix)
         step.counts(uploaded=result.get("uploaded"), failures=len(result.get("failures") or []),
@@ -502,7 +505,7 @@ def job_fetch(ctx, log):
     dest = ctx.args.dest or cfg.get("fetch_dir")
     if not dest:
         raise ConfigError("fetch needs --dest or s3.fetch_dir in the config")
-    prefix = cfg.get("name_prefix") or ctx.section("backup").get("prefix") or "baileys-auth"
+    prefix = cfg.get("name_prefix") or ctx.backup_prefix()
     with log.step("fetch") as step:
         result = s3.fetch(dest, cfg["targets"], settings, name_prefix=prefix)
         step.counts(target=result.get("target"), key=result.get("key"), tried=len(result.get("tried") or []))
@@ -526,7 +529,7 @@ def job_verify(ctx, log):
     if not path:
         backup_dir = ctx.need("backup_dir", "verify without a BACKUP path")
         with log.step("find_backup") as step:
-            path = _newest_backup_path(backup, backup_dir, ctx.section("backup").get("prefix") or "baileys-auth")
+            path = _newest_backup_path(backup, backup_dir, ctx.backup_prefix())
             step.counts(path=path)
         if not path:
             raise ConfigError("no valid backup found in %s" % backup_dir)
@@ -591,7 +594,7 @@ def _collect_health(ctx):
     args = ctx.args
     verify = args.verify_checksum if args.verify_checksum is not None else h.get("verify_checksum", False)
     return health.collect(ctx.conn_params, ctx.store_params, backup_dir=ctx.config.get("backup_dir"),
-                          backup_prefix=ctx.section("backup").get("prefix") or "baileys-auth",
+                          backup_prefix=ctx.backup_prefix(),
                           probes=_opt(args, "probes", h.get("probes", 20)), thresholds=h.get("thresholds"),
                           verify_checksum=bool(verify))
 

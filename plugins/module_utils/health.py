@@ -13,20 +13,18 @@ ones checked against thresholds) and *old but live* (``old_live_keys``: kept by 
 unconsumed pre-keys); the live pre-key count (uploaded, not consumed: the server-side supply Baileys
 relies on); ``updated_at`` age buckets; table and index sizes; probe query latency (p50/p95/p99 of
 ``probes`` primary-key lookups, the query Baileys runs most); and the newest backup read from the
-manifests in ``backup_dir`` (format in docs/backup-format.md; this module does not depend on backup.py).
+manifests in ``backup_dir`` (docs/backup-format.md; the names and checks come from backup_format.py,
+this module does not depend on backup.py or s3.py).
 Each check is ``ok``, ``warning`` or ``critical`` against :data:`DEFAULT_THRESHOLDS`; the overall status is
 the worst one, and :data:`EXIT_CODES` maps it to 0/1/2.
 """
 from __future__ import absolute_import, division, print_function
 
 import datetime
-import hashlib
-import json
 import os
-import re
 import time
 
-from . import cleanup, pgconn
+from . import backup_format, cleanup, pgconn
 
 __metaclass__ = type
 
@@ -43,7 +41,6 @@ DEFAULT_THRESHOLDS = {
     "stale_keys_warning": None,
     "expired_keys_warning": None,
 }
-_BACKUP_RE = r"^%s-(\d{8}T\d{6}Z)\.dump\.manifest\.json$"
 
 
 class HealthError(ValueError):
@@ -78,64 +75,32 @@ def thresholds_from(overrides):
 # --------------------------------------------------------------------------- backups
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _parse_time(text):
-    try:
-        return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
-    except (TypeError, ValueError):
-        return None
-
-
 def inspect_backup(backup_dir, manifest_name, verify_checksum=False):
     """One backup's manifest, checked against docs/backup-format.md.  ``problems`` empty means valid."""
     path = os.path.join(backup_dir, manifest_name)
     entry = {"manifest": path, "file": None, "created_at": None, "size": None, "kind": None, "problems": []}
     problems = entry["problems"]
     try:
-        with open(path, "rb") as fh:
-            manifest = json.loads(fh.read(1 << 20).decode("utf-8"))
+        _raw, manifest = backup_format.load_manifest(path, backup_format.MAX_MANIFEST_SIZE)
         if not isinstance(manifest, dict):
             raise ValueError("not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         problems.append("manifest unreadable: %s" % exc)
         return entry
-    dump_name = manifest_name[: -len(".manifest.json")]
+    dump_name = manifest_name[: -len(backup_format.MANIFEST_SUFFIX)]
     entry.update(file=os.path.join(backup_dir, dump_name), created_at=manifest.get("created_at"),
                  size=manifest.get("size"), kind=manifest.get("kind"), counts=manifest.get("counts"))
-    if manifest.get("format") != 1:
-        problems.append("unknown manifest format %r" % (manifest.get("format"),))
-    if manifest.get("file") != dump_name:
-        problems.append("manifest names %r, expected %r" % (manifest.get("file"), dump_name))
-    validated = manifest.get("validated") or {}
-    if validated.get("restore_list") is not True or validated.get("row_counts") is not True:
-        problems.append("not validated (restore_list/row_counts)")
-    try:
-        st = os.stat(entry["file"])
-        if st.st_size != manifest.get("size"):
-            problems.append("size %d differs from manifest %r" % (st.st_size, manifest.get("size")))
-        elif verify_checksum and _sha256(entry["file"]) != manifest.get("sha256"):
-            problems.append("sha256 differs from manifest")
-    except OSError as exc:
-        problems.append("dump file missing: %s" % (exc.strerror or exc))
-    if _parse_time(entry["created_at"]) is None:
-        problems.append("bad created_at %r" % (entry["created_at"],))
+    problems.extend(backup_format.backup_problems(entry["file"], manifest, verify_checksum))
     return entry
 
 
-def backup_status(backup_dir, prefix="baileys-auth", verify_checksum=False, now=None, thresholds=None):
+def backup_status(backup_dir, prefix=backup_format.DEFAULT_PREFIX, verify_checksum=False, now=None, thresholds=None):
     """Newest backup (valid or not) and newest valid backup in ``backup_dir``, with a status."""
     t = thresholds or DEFAULT_THRESHOLDS
     now = now or datetime.datetime.now(datetime.timezone.utc)
     out = {"dir": backup_dir, "prefix": prefix, "count": 0, "valid_count": 0, "newest": None, "newest_valid": None,
            "age_seconds": None, "size": None, "status": "critical", "detail": ""}
-    pattern = re.compile(_BACKUP_RE % re.escape(prefix))
+    pattern = backup_format.name_re(prefix, backup_format.MANIFEST_SUFFIX)
     try:
         names = sorted((n for n in os.listdir(backup_dir) if pattern.match(n)), reverse=True)
     except OSError as exc:
@@ -154,7 +119,7 @@ def backup_status(backup_dir, prefix="baileys-auth", verify_checksum=False, now=
     if valid is None:
         out["detail"] = "no valid backup in %s" % backup_dir
         return out
-    age = (now - _parse_time(valid["created_at"])).total_seconds()
+    age = (now - backup_format.parse_created_at(valid["created_at"])).total_seconds()
     out["age_seconds"] = round(age, 1)
     out["size"] = valid["size"]
     hours = age / 3600.0
@@ -302,8 +267,8 @@ def probe_latency(conn, store, probes=20):
     }
 
 
-def collect(conn_params, store_params, backup_dir=None, backup_prefix="baileys-auth", probes=20, thresholds=None,
-            verify_checksum=False, companies=None, now=None):
+def collect(conn_params, store_params, backup_dir=None, backup_prefix=backup_format.DEFAULT_PREFIX, probes=20,
+            thresholds=None, verify_checksum=False, companies=None, now=None):
     """Everything above plus ``status`` and ``exit_code``.  Never raises for a database failure:
     an unreachable store is a ``critical`` check."""
     t = thresholds_from(thresholds)

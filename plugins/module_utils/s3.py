@@ -6,10 +6,10 @@
 No Ansible import: the same code runs in the modules (``s3_replicate``,
 ``s3_fetch``) and in the cron tool.
 
-Backups follow docs/backup-format.md: ``<prefix>-<stamp>.dump`` plus
-``<prefix>-<stamp>.dump.manifest.json``.  On a target they keep their base
-names under the target's ``prefix``; every object carries its sha256 (hex) in
-the user metadata ``sha256`` (``x-amz-meta-sha256``).
+Backups follow docs/backup-format.md (a dump and its manifest; the names and
+checks live in backup_format.py).  On a target they keep their base names
+under the target's ``prefix``; every object carries its sha256 (hex) in the
+user metadata ``sha256`` (``x-amz-meta-sha256``).
 
 Invariants
 ----------
@@ -33,7 +33,6 @@ from __future__ import absolute_import, division, print_function
 
 import base64
 import hashlib
-import json
 import os
 import random
 import re
@@ -42,7 +41,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import fsutil
+from . import backup_format, fsutil
 
 __metaclass__ = type
 
@@ -78,23 +77,22 @@ except ImportError as exc:  # pragma: no cover - exercised on hosts without boto
     class IncompleteReadError(BotoCoreError):
         pass
 
-DUMP_SUFFIX = ".dump"
-MANIFEST_SUFFIX = ".manifest.json"
-PARTIAL_SUFFIX = ".partial"
-DEFAULT_PREFIX = "baileys-auth"
-FORMAT = 1
+# the backup file rules live in backup_format; these names stay importable from here
+DEFAULT_PREFIX = backup_format.DEFAULT_PREFIX
+DUMP_SUFFIX = backup_format.DUMP_SUFFIX
+MANIFEST_SUFFIX = backup_format.MANIFEST_SUFFIX
+MAX_MANIFEST_SIZE = backup_format.MAX_MANIFEST_SIZE
+KINDS = backup_format.KINDS
+manifest_problem = backup_format.manifest_problem
+sha256_file = backup_format.sha256_file
 META_SHA256 = "sha256"
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB
-MAX_MANIFEST_SIZE = 1 * MiB
 CHUNK = 1 * MiB
 SSE_CHOICES = ("AES256", "aws:kms")
 STORAGE_CLASSES = ("STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
                    "GLACIER", "DEEP_ARCHIVE", "GLACIER_IR", "EXPRESS_ONEZONE")
 SELECTIONS = ("newest", "target_order")
-_STAMP_RE = r"\d{8}T\d{6}Z"
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*-" + _STAMP_RE + r"\.dump$")
 
 RETRYABLE_CODES = frozenset((
     "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
@@ -178,27 +176,8 @@ def parse_size(value):
     return int(float(m.group(1)) * mult)
 
 
-def sha256_file(path):
-    """``(hex sha256, size)`` of a file."""
-    digest = hashlib.sha256()
-    size = 0
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                break
-            digest.update(view[:n])
-            size += n
-    return digest.hexdigest(), size
-
-
 def b64_of_hex(hex_digest):
     return base64.b64encode(bytes.fromhex(hex_digest)).decode("ascii")
-
-
-KINDS = ("daily", "monthly")
 
 
 def object_key(target, name, kind="daily"):
@@ -553,34 +532,8 @@ def _stream_object(client, bucket, key, policy, sink=None, on_retry=None, expect
 # --------------------------------------------------------------------------- local backups
 
 
-def manifest_problem(manifest, name):
-    """Why a parsed manifest does not describe a valid backup ``name``, or ``None`` (no file access)."""
-    if not isinstance(manifest, dict):
-        return "manifest is not a JSON object"
-    if manifest.get("format") != FORMAT:
-        return "manifest format %r is not %d" % (manifest.get("format"), FORMAT)
-    if manifest.get("file") != name:
-        return "manifest is for %r, not %r" % (manifest.get("file"), name)
-    if not isinstance(manifest.get("sha256"), str) or not _SHA_RE.match(manifest["sha256"]):
-        return "manifest has no valid sha256"
-    size = manifest.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        return "manifest has no valid size"
-    if not isinstance(manifest.get("created_at"), str):
-        return "manifest has no created_at"
-    if manifest.get("kind", "daily") not in KINDS:
-        return "manifest kind %r is not one of %s" % (manifest.get("kind"), ", ".join(KINDS))
-    validated = manifest.get("validated") or {}
-    if not (isinstance(validated, dict) and validated.get("restore_list") is True
-            and validated.get("row_counts") is True):
-        return "manifest does not record a successful validation"
-    return None
-
-
 def _name_re(name_prefix):
-    if name_prefix:
-        return re.compile(r"^%s-%s%s$" % (re.escape(name_prefix), _STAMP_RE, re.escape(DUMP_SUFFIX)))
-    return _SAFE_NAME
+    return backup_format.name_re(name_prefix or backup_format.ANY_PREFIX)
 
 
 def scan_local_backups(backup_dir, name_prefix=DEFAULT_PREFIX):
@@ -609,30 +562,17 @@ def scan_local_backups(backup_dir, name_prefix=DEFAULT_PREFIX):
         path = os.path.join(backup_dir, name)
         manifest_path = path + MANIFEST_SUFFIX
         try:
-            with open(manifest_path, "rb") as fh:
-                raw = fh.read(MAX_MANIFEST_SIZE + 1)
+            raw, manifest = backup_format.load_manifest(manifest_path, MAX_MANIFEST_SIZE + 1)
         except FileNotFoundError:
             invalid.append({"name": name, "reason": "no manifest"})
             continue
         except OSError as exc:
             invalid.append({"name": name, "reason": "unreadable manifest: %s" % (exc.strerror or exc)})
             continue
-        try:
-            manifest = json.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except ValueError as exc:
             invalid.append({"name": name, "reason": "unparsable manifest: %s" % exc})
             continue
-        problem = manifest_problem(manifest, name)
-        if problem is None:
-            try:
-                st = os.stat(path, follow_symlinks=False)
-            except OSError as exc:
-                problem = "dump unreadable: %s" % (exc.strerror or exc)
-            else:
-                if not stat.S_ISREG(st.st_mode):
-                    problem = "dump is not a regular file"
-                elif st.st_size != manifest["size"]:
-                    problem = "size %d differs from the manifest's %d" % (st.st_size, manifest["size"])
+        problem = manifest_problem(manifest, name) or backup_format.dump_problem(path, manifest)
         if problem:
             invalid.append({"name": name, "reason": problem})
             continue
@@ -648,15 +588,7 @@ def scan_local_backups(backup_dir, name_prefix=DEFAULT_PREFIX):
 
 def verify_local(backup):
     """Hash the local dump; ``None`` when it matches its manifest, else the reason."""
-    try:
-        sha, size = sha256_file(backup["path"])
-    except OSError as exc:
-        return "dump unreadable: %s" % (exc.strerror or exc)
-    if size != backup["size"]:
-        return "size %d differs from the manifest's %d" % (size, backup["size"])
-    if sha != backup["sha256"]:
-        return "sha256 %s differs from the manifest's %s" % (sha, backup["sha256"])
-    return None
+    return backup_format.checksum_problem(backup["path"], backup["manifest"])
 
 
 # --------------------------------------------------------------------------- replicate
@@ -1012,7 +944,7 @@ def _list_candidates(client, target, policy, name_prefix, backup_name, on_retry,
         raw = bytearray()
         try:
             _stream_object(client, target["bucket"], key, policy, sink=raw.extend, on_retry=on_retry)
-            manifest = json.loads(bytes(raw).decode("utf-8"))
+            manifest = backup_format.parse_manifest(bytes(raw))
         except (ValueError, UnicodeDecodeError) as exc:
             warnings.append("target %s: manifest %s unparsable (%s), ignored" % (target["name"], key, exc))
             continue
@@ -1214,11 +1146,7 @@ def fetch(dest_dir, targets, settings=None, name_prefix=DEFAULT_PREFIX, backup_n
 
 
 def _local_matches(path, manifest):
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return False
-    if not stat.S_ISREG(st.st_mode) or st.st_size != manifest["size"]:
+    if backup_format.dump_problem(path, manifest):
         return False
     sha, _size = sha256_file(path)
     return sha == manifest["sha256"]

@@ -154,7 +154,7 @@ backup:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.baileys.resilience.plugins.module_utils import health, pgconn
+from ansible_collections.baileys.resilience.plugins.module_utils import backup_format, health, pgconn
 
 
 def main():
@@ -163,7 +163,7 @@ def main():
             pgconn.CONNECTION_ARGSPEC,
             pgconn.STORE_ARGSPEC,
             backup_dir=dict(type="path"),
-            backup_prefix=dict(type="str", default="baileys-auth"),
+            backup_prefix=dict(type="str", default=backup_format.DEFAULT_PREFIX),
             verify_checksum=dict(type="bool", default=False),
             probes=dict(type="int", default=20),
             companies=dict(type="list", elements="str"),

@@ -138,7 +138,7 @@ def main():
         pgconn.STORE_ARGSPEC,
         backup_file=dict(type="path"),
         backup_dir=dict(type="path"),
-        prefix=dict(type="str", default="baileys-auth"),
+        prefix=dict(type="str", default=backup.DEFAULT_PREFIX),
         pg_bin_dir=dict(type="path"),
         keep_database=dict(type="bool", default=False),
     )

@@ -179,7 +179,7 @@ def main():
             pgconn.STORE_ARGSPEC,
             backup_dir=dict(type="path", required=True),
             pg_bin_dir=dict(type="path"),
-            prefix=dict(type="str", default="baileys-auth"),
+            prefix=dict(type="str", default=backup.DEFAULT_PREFIX),
             force=dict(type="bool", default=False),
             keep_daily=dict(type="int", default=7),
             keep_monthly=dict(type="int", default=4),

@@ -1,0 +1,218 @@
+# -*- coding: utf-8 -*-
+# Copyright: baileys.resilience contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The backup file rules of docs/backup-format.md, in one place.
+
+A backup is ``<prefix>-<YYYYmmdd>T<HHMMSS>Z.dump`` with ``<name>.manifest.json`` beside it.  Here
+are those names, the manifest format version, the sha256 of a dump, reading a manifest and the
+checks that decide whether a manifest (and its dump) is a valid backup.  backup.py (making,
+verifying, restoring), s3.py (replicating, fetching) and health.py (reporting) take them from here.
+
+Standard library only: no Ansible, psycopg or boto3 import, so any of them can import it.
+"""
+from __future__ import absolute_import, division, print_function
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import stat
+
+__metaclass__ = type
+
+FORMAT = 1
+DEFAULT_PREFIX = "baileys-auth"
+DUMP_SUFFIX = ".dump"
+MANIFEST_SUFFIX = ".manifest.json"
+PARTIAL_SUFFIX = ".partial"
+KINDS = ("daily", "monthly")
+MAX_MANIFEST_SIZE = 1024 * 1024
+STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+CREATED_AT_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+PREFIX_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_STAMP_PATTERN = r"\d{8}T\d{6}Z"
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1024 * 1024
+ANY_PREFIX = object()  # for name_pattern and name_re: any prefix of PREFIX_PATTERN
+
+
+# --------------------------------------------------------------------------- names
+
+
+def backup_name(prefix, when):
+    """``<prefix>-<YYYYmmdd>T<HHMMSS>Z.dump`` for a UTC datetime."""
+    return "%s-%s%s" % (prefix, when.strftime(STAMP_FORMAT), DUMP_SUFFIX)
+
+
+def name_pattern(prefix, suffix=""):
+    """Regex text (not anchored) of ``<prefix>-<stamp>.dump<suffix>``; group 1 is the stamp.
+
+    ``prefix`` :data:`ANY_PREFIX` stands for any prefix of letters, digits, ``.``, ``_`` and ``-``.
+    """
+    return "%s-(%s)%s" % (PREFIX_PATTERN if prefix is ANY_PREFIX else re.escape(prefix), _STAMP_PATTERN,
+                          re.escape(DUMP_SUFFIX + suffix))
+
+
+def name_re(prefix, suffix=""):
+    """:func:`name_pattern` compiled, matching a whole name."""
+    return re.compile("^%s$" % name_pattern(prefix, suffix))
+
+
+def stamp_iso(stamp):
+    """'20261124T030000Z' -> '2026-11-24T03:00:00Z' (a manifest's ``created_at``)."""
+    return "%s-%s-%sT%s:%s:%sZ" % (stamp[0:4], stamp[4:6], stamp[6:8], stamp[9:11], stamp[11:13], stamp[13:15])
+
+
+def parse_created_at(text):
+    """A manifest's ``created_at`` as an aware UTC datetime, or ``None`` when it is not one."""
+    try:
+        return datetime.datetime.strptime(text, CREATED_AT_FORMAT).replace(tzinfo=datetime.timezone.utc)
+    except (TypeError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- files
+
+
+def sha256_file(path):
+    """``(hex sha256, size)`` of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while True:
+            n = fh.readinto(buf)
+            if not n:
+                break
+            digest.update(view[:n])
+            size += n
+    return digest.hexdigest(), size
+
+
+def load_manifest(manifest_path, limit=None):
+    """``(raw bytes, parsed JSON)`` of a manifest file, reading at most ``limit`` bytes when given.
+
+    Raises ``OSError`` (``FileNotFoundError`` when absent) or ``ValueError`` (not UTF-8 JSON);
+    the callers word these their own way.  The parsed value may be any JSON value.
+    """
+    with open(manifest_path, "rb") as fh:
+        raw = fh.read() if limit is None else fh.read(limit)
+    return raw, parse_manifest(raw)
+
+
+def parse_manifest(raw):
+    """The JSON value of a manifest's bytes; raises ``ValueError`` when they are not UTF-8 JSON."""
+    return json.loads(raw.decode("utf-8"))
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def is_validated(manifest):
+    """Whether the manifest records that ``pg_restore --list`` and the row counts passed."""
+    validated = manifest.get("validated") or {}
+    return (isinstance(validated, dict) and validated.get("restore_list") is True
+            and validated.get("row_counts") is True)
+
+
+def _identity_problem(manifest, name):
+    if manifest.get("format") != FORMAT:
+        return "manifest format %r is not %d" % (manifest.get("format"), FORMAT)
+    if manifest.get("file") != name:
+        return "manifest is for %r, not %r" % (manifest.get("file"), name)
+    return None
+
+
+def _validation_problem(manifest):
+    return None if is_validated(manifest) else "manifest does not record a successful validation"
+
+
+def _fields_problem(manifest):
+    if not isinstance(manifest.get("sha256"), str) or not _SHA_RE.match(manifest["sha256"]):
+        return "manifest has no valid sha256"
+    size = manifest.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return "manifest has no valid size"
+    if not isinstance(manifest.get("created_at"), str):
+        return "manifest has no created_at"
+    if manifest.get("kind", "daily") not in KINDS:
+        return "manifest kind %r is not one of %s" % (manifest.get("kind"), ", ".join(KINDS))
+    return None
+
+
+def manifest_problem(manifest, name):
+    """Why a parsed manifest does not describe a valid backup ``name``, or ``None``.
+
+    No file access (for a manifest in S3, or before the dump is looked at): every field a copy
+    needs (``sha256``, ``size``, ``created_at``, ``kind``) must be well formed.
+    """
+    if not isinstance(manifest, dict):
+        return "manifest is not a JSON object"
+    return _identity_problem(manifest, name) or _fields_problem(manifest) or _validation_problem(manifest)
+
+
+def checksum_problem(dump_path, manifest):
+    """Hash the dump: ``None`` when its size and sha256 are the manifest's, else the reason."""
+    try:
+        sha, size = sha256_file(dump_path)
+    except OSError as exc:
+        return "dump unreadable: %s" % (exc.strerror or exc)
+    if size != manifest.get("size"):
+        return "size %d differs from the manifest's %r" % (size, manifest.get("size"))
+    if sha != manifest.get("sha256"):
+        return "sha256 %s differs from the manifest's %s" % (sha, manifest.get("sha256"))
+    return None
+
+
+def dump_problem(dump_path, manifest, verify_checksum=False):
+    """Why the dump file does not match its manifest (a regular file of its size; with
+    ``verify_checksum`` also its sha256), or ``None``."""
+    try:
+        st = os.stat(dump_path, follow_symlinks=False)
+    except OSError as exc:
+        return "dump unreadable: %s" % (exc.strerror or exc)
+    if not stat.S_ISREG(st.st_mode):
+        return "dump is not a regular file"
+    if st.st_size != manifest.get("size"):
+        return "size %d differs from the manifest's %r" % (st.st_size, manifest.get("size"))
+    return checksum_problem(dump_path, manifest) if verify_checksum else None
+
+
+def backup_problem(dump_path, manifest, verify_checksum=False):
+    """Why a dump and its parsed manifest (a dict) are not a valid backup, or ``None``.
+
+    The manifest must be for this dump and record a successful validation; the dump must be a
+    regular file of the manifest's size (and, with ``verify_checksum``, sha256).
+    """
+    return (_identity_problem(manifest, os.path.basename(dump_path)) or _validation_problem(manifest)
+            or dump_problem(dump_path, manifest, verify_checksum))
+
+
+def backup_problems(dump_path, manifest, verify_checksum=False):
+    """Every reason, in the health report's words, why a dump and its parsed manifest (a dict) are
+    not a valid backup: a list, empty when valid.
+
+    Besides what :func:`backup_problem` checks, ``created_at`` must parse; the dump's size is
+    taken through a symlink.
+    """
+    name = os.path.basename(dump_path)
+    problems = []
+    if manifest.get("format") != FORMAT:
+        problems.append("unknown manifest format %r" % (manifest.get("format"),))
+    if manifest.get("file") != name:
+        problems.append("manifest names %r, expected %r" % (manifest.get("file"), name))
+    if not is_validated(manifest):
+        problems.append("not validated (restore_list/row_counts)")
+    try:
+        st = os.stat(dump_path)
+        if st.st_size != manifest.get("size"):
+            problems.append("size %d differs from manifest %r" % (st.st_size, manifest.get("size")))
+        elif verify_checksum and sha256_file(dump_path)[0] != manifest.get("sha256"):
+            problems.append("sha256 differs from manifest")
+    except OSError as exc:
+        problems.append("dump file missing: %s" % (exc.strerror or exc))
+    if parse_created_at(manifest.get("created_at")) is None:
+        problems.append("bad created_at %r" % (manifest.get("created_at"),))
+    return problems
