@@ -257,7 +257,8 @@ duration:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.baileys.resilience.plugins.module_utils import authstate, backup, failover_state, pgconn
+from ansible_collections.baileys.resilience.plugins.module_utils import (
+    authstate, backup, failover_state, modresult, pgconn)
 
 
 def main():
@@ -309,9 +310,7 @@ def main():
         except failover_state.StateError as exc:
             module.fail_json(msg="exported, but %s" % exc, **result)
     diffs = [c.pop("diff") for c in result["companies"] if "diff" in c]
-    for warning in result["warnings"][:20]:
-        module.warn(warning)
-    result["warnings_list"] = result.pop("warnings")
+    modresult.publish_warnings(module, result)
     if module._diff:
         result["diff"] = diffs
     if result["refused"]:

@@ -209,7 +209,7 @@ duration:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.baileys.resilience.plugins.module_utils import authstate, pgconn
+from ansible_collections.baileys.resilience.plugins.module_utils import authstate, modresult, pgconn
 
 
 def main():
@@ -248,9 +248,7 @@ def main():
         module.fail_json(msg=str(exc), refused=exc.details)
     except (authstate.AuthStateError, pgconn.PgError) as exc:
         module.fail_json(msg=str(exc))
-    for warning in result["warnings"][:20]:
-        module.warn(warning)
-    result["warnings_list"] = result.pop("warnings")
+    modresult.publish_warnings(module, result)
     module.exit_json(**result)
 
 

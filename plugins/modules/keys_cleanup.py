@@ -203,7 +203,7 @@ duration:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.baileys.resilience.plugins.module_utils import cleanup, pgconn
+from ansible_collections.baileys.resilience.plugins.module_utils import cleanup, modresult, pgconn
 
 
 def main():
@@ -231,14 +231,12 @@ def main():
         )
     except cleanup.CleanupError as exc:
         found = dict(exc.result)
-        found["warnings_list"] = found.pop("warnings", [])
+        modresult.publish_warnings(module, found, shown=0)
         found.pop("changed", None)
         module.fail_json(msg=str(exc), **found)
     except pgconn.PgError as exc:
         module.fail_json(msg=str(exc))
-    for warning in result["warnings"]:
-        module.warn(warning)
-    result["warnings_list"] = result.pop("warnings")
+    modresult.publish_warnings(module, result, shown=None)
     module.exit_json(**result)
 
 

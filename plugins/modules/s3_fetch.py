@@ -148,7 +148,7 @@ warnings_list:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.baileys.resilience.plugins.module_utils import s3
+from ansible_collections.baileys.resilience.plugins.module_utils import modresult, s3
 
 
 def main():
@@ -167,15 +167,11 @@ def main():
         result = s3.fetch(p["dest_dir"], p["targets"], settings, name_prefix=p["name_prefix"],
                           backup_name=p["backup_name"], selection=p["selection"])
     except s3.FetchError as exc:
-        for warning in exc.result["warnings"][:20]:
-            module.warn(warning)
-        exc.result["warnings_list"] = exc.result.pop("warnings")
+        modresult.publish_warnings(module, exc.result)
         module.fail_json(msg=str(exc), **exc.result)
     except s3.S3Error as exc:
         module.fail_json(msg=str(exc))
-    for warning in result["warnings"][:20]:
-        module.warn(warning)
-    result["warnings_list"] = result.pop("warnings")
+    modresult.publish_warnings(module, result)
     module.exit_json(**result)
 
 

@@ -211,7 +211,7 @@ duration:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.baileys.resilience.plugins.module_utils import s3
+from ansible_collections.baileys.resilience.plugins.module_utils import modresult, s3
 
 
 def main():
@@ -236,9 +236,7 @@ def main():
         result = s3.replicate(p["backup_dir"], p["targets"], settings, name_prefix=p["name_prefix"])
     except s3.S3Error as exc:
         module.fail_json(msg=str(exc))
-    for warning in result["warnings"][:20]:
-        module.warn(warning)
-    result["warnings_list"] = result.pop("warnings")
+    modresult.publish_warnings(module, result)
     if not result["ok"]:
         module.fail_json(msg=s3.failure_message(result), **result)
     module.exit_json(**result)
