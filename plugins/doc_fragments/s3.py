@@ -7,8 +7,8 @@ __metaclass__ = type
 
 
 class ModuleDocFragment(object):
-    # S3 targets and transfer settings shared by s3_replicate and s3_fetch (module_utils/s3.py TARGET_OPTIONS,
-    # TRANSFER_ARGSPEC).
+    # S3 targets and transfer settings shared by s3_replicate and s3_fetch (module_utils/s3conf.py
+    # TARGET_OPTIONS, TRANSFER_ARGSPEC, re-exported by s3.py).
     DOCUMENTATION = r"""
 options:
   targets:

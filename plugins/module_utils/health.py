@@ -14,7 +14,7 @@ unconsumed pre-keys); the live pre-key count (uploaded, not consumed: the server
 relies on); ``updated_at`` age buckets; table and index sizes; probe query latency (p50/p95/p99 of
 ``probes`` primary-key lookups, the query Baileys runs most); and the newest backup read from the
 manifests in ``backup_dir`` (docs/backup-format.md; the names and checks come from backup_format.py,
-this module does not depend on backup.py or s3.py).
+this module does not depend on backup.py or the s3*.py modules).
 Each check is ``ok``, ``warning`` or ``critical`` against :data:`DEFAULT_THRESHOLDS`; the overall status is
 the worst one, and :data:`EXIT_CODES` maps it to 0/1/2.
 """

@@ -1,0 +1,427 @@
+# -*- coding: utf-8 -*-
+# Copyright: baileys.resilience contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Off-site copies of backups on S3-compatible targets: :func:`replicate`.
+
+Part of the S3 code (s3.py is the map).  Finds the valid local backups
+(:func:`scan_local_backups`, per backup_format.py), lists each target, HEADs the objects
+the listing shows with the right size, and uploads (single part with a SHA256 checksum, or
+multipart) and verifies what a target lacks.  The module ``s3_replicate`` and the cron
+tool call it; imports s3conf, s3objects and backup_format.  No Ansible import.
+
+Invariants
+----------
+* An object counts as replicated only after a HEAD shows the expected size and
+  ``sha256`` metadata (and, with ``verify_download``, after it was read back
+  and hashed).
+* A local dump is hashed against its manifest before it is uploaded; a backup that does
+  not verify is uploaded nowhere and reported.
+* A backup's manifest is uploaded only after its dump is verified on that
+  target, so a remote manifest always implies a verified dump.
+* A run reports success only when every valid local backup is verified on every
+  target; otherwise the result lists each failed ``target/object``.  A target or object
+  failure never raises.
+"""
+from __future__ import absolute_import, division, print_function
+
+import hashlib
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from . import backup_format, s3conf, s3objects
+
+__metaclass__ = type
+
+
+# --------------------------------------------------------------------------- local backups
+
+
+def scan_local_backups(backup_dir, name_prefix=backup_format.DEFAULT_PREFIX):
+    """Local backups per the contract, cheap checks only (manifest, validation flags, size).
+
+    Returns ``(backups, invalid)``: ``backups`` newest first, each a dict with
+    ``name``, ``path``, ``manifest_path``, ``manifest``, ``manifest_bytes``,
+    ``manifest_sha256``, ``size``, ``sha256``, ``created_at``; ``invalid`` a list
+    of ``{"name", "reason"}``.  The dump's sha256 is checked by
+    :func:`verify_local` before any upload.  ``*.partial`` files are ignored.
+    """
+    pattern = s3objects.backup_name_re(name_prefix)
+    try:
+        names = sorted(os.listdir(backup_dir))
+    except OSError as exc:
+        raise s3conf.S3Error("cannot list backup_dir %s: %s" % (backup_dir, exc.strerror or exc))
+    present = set(names)
+    backups, invalid = [], []
+    for name in names:
+        dump_name = name[: -len(backup_format.MANIFEST_SUFFIX)]
+        if name.endswith(backup_format.DUMP_SUFFIX + backup_format.MANIFEST_SUFFIX) and pattern.match(dump_name):
+            if dump_name not in present:
+                invalid.append({"name": dump_name, "reason": "manifest without its dump"})
+            continue
+        if not pattern.match(name):
+            continue
+        path = os.path.join(backup_dir, name)
+        manifest_path = path + backup_format.MANIFEST_SUFFIX
+        try:
+            raw, manifest = backup_format.load_manifest(manifest_path, backup_format.MAX_MANIFEST_SIZE + 1)
+        except FileNotFoundError:
+            invalid.append({"name": name, "reason": "no manifest"})
+            continue
+        except OSError as exc:
+            invalid.append({"name": name, "reason": "unreadable manifest: %s" % (exc.strerror or exc)})
+            continue
+        except ValueError as exc:
+            invalid.append({"name": name, "reason": "unparsable manifest: %s" % exc})
+            continue
+        problem = backup_format.manifest_problem(manifest, name) or backup_format.dump_problem(path, manifest)
+        if problem:
+            invalid.append({"name": name, "reason": problem})
+            continue
+        backups.append({
+            "name": name, "path": path, "manifest_path": manifest_path, "manifest": manifest,
+            "manifest_bytes": raw, "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+            "size": manifest["size"], "sha256": manifest["sha256"], "created_at": manifest["created_at"],
+            "kind": manifest.get("kind", "daily"),
+        })
+    backups.sort(key=lambda b: (b["created_at"], b["name"]), reverse=True)
+    return backups, invalid
+
+
+def verify_local(backup):
+    """Hash the local dump; ``None`` when it matches its manifest, else the reason."""
+    return backup_format.checksum_problem(backup["path"], backup["manifest"])
+
+
+# --------------------------------------------------------------------------- replicate
+
+
+class _TargetRun:
+    """One target's replication state and result."""
+
+    def __init__(self, target, settings, client_factory, log):
+        self.t = target
+        self.st = settings
+        self.client_factory = client_factory
+        self.log = log
+        self.policy = settings.policy()
+        self.client = None
+        self.tm = None
+        self.result = {
+            "name": target["name"], "bucket": target["bucket"], "region": target["region"],
+            "endpoint_url": target["endpoint_url"], "prefix": target["prefix"], "status": "ok",
+            "uploaded": [], "verified_present": 0, "repaired": [], "failed": [], "bytes_uploaded": 0,
+            "retries": 0, "seconds": 0.0,
+        }
+        if settings.check_mode:
+            self.result["would_upload"] = []
+        self._lock = threading.Lock()
+        self._unreachable_error = None
+
+    def add(self, field, value):
+        """Record ``value`` in a list field, or add it to a counter (thread-safe)."""
+        with self._lock:
+            if isinstance(self.result[field], list):
+                self.result[field].append(value)
+            else:
+                self.result[field] += value
+
+    def on_retry(self, what):
+        def cb(attempt, exc):
+            self.log("target %s: %s: attempt %d failed (%s), retrying"
+                     % (self.t["name"], what, attempt, s3conf.error_text(exc)))
+        return cb
+
+    def fail(self, key, error):
+        self.add("failed", {"key": key, "error": error})
+
+    # -- object operations (each retried)
+    def head(self, key):
+        return s3objects.head_object(self.client, self.t["bucket"], key, self.policy, self.on_retry("HEAD " + key))
+
+    def extra_args(self, sha_hex):
+        extra = {"Metadata": {s3objects.META_SHA256: sha_hex}}
+        if self.t["storage_class"]:
+            extra["StorageClass"] = self.t["storage_class"]
+        if self.t["sse"]:
+            extra["ServerSideEncryption"] = self.t["sse"]
+            if self.t["kms_key_id"]:
+                extra["SSEKMSKeyId"] = self.t["kms_key_id"]
+        return extra
+
+    def put_bytes(self, key, data, sha_hex):
+        checksum = s3objects.b64_of_hex(sha_hex)
+
+        def op():
+            self.client.put_object(Bucket=self.t["bucket"], Key=key, Body=data, ContentLength=len(data),
+                                   ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum, **self.extra_args(sha_hex))
+        self.policy.call(op, self.on_retry("PUT " + key))
+        return checksum
+
+    def upload_file(self, key, path, size, sha_hex):
+        """Upload a file; returns the single-part base64 checksum sent (``None`` for multipart)."""
+        if size < self.st.multipart_threshold:
+            checksum = s3objects.b64_of_hex(sha_hex)
+
+            def op():
+                with open(path, "rb") as fh:
+                    self.client.put_object(Bucket=self.t["bucket"], Key=key, Body=fh, ContentLength=size,
+                                           ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum,
+                                           **self.extra_args(sha_hex))
+            self.policy.call(op, self.on_retry("PUT " + key))
+            return checksum
+
+        def op_multipart():
+            future = self.tm.upload(path, self.t["bucket"], key, extra_args=self.extra_args(sha_hex))
+            future.result()
+        self.policy.call(op_multipart, self.on_retry("multipart upload " + key))
+        return None
+
+    def verify_after_upload(self, key, size, sha_hex, checksum):
+        problem = s3objects.head_problem(self.head(key), size, sha_hex, checksum)
+        if problem:
+            raise s3conf.VerifyError("not verified after upload: %s" % problem)
+        if self.st.verify_download:
+            self.verify_by_download(key, size, sha_hex)
+
+    def verify_by_download(self, key, size, sha_hex):
+        got, got_size, _meta = s3objects.stream_object(self.client, self.t["bucket"], key, self.policy,
+                                                       on_retry=self.on_retry("GET " + key))
+        if got_size != size or got != sha_hex:
+            raise s3conf.CorruptObject("read back %d bytes with sha256 %s, expected %d bytes with %s"
+                                       % (got_size, got, size, sha_hex))
+
+    def probe(self):
+        """True when the target still answers (one attempt, no retries)."""
+        try:
+            self.client.list_objects_v2(Bucket=self.t["bucket"], Prefix=self.t["prefix"], MaxKeys=1)
+            return True
+        except (s3conf.BotoCoreError, s3conf.ClientError, OSError):
+            return False
+
+    # -- the run
+    def run(self, backups, local_check):
+        started = time.monotonic()
+        try:
+            self._run(backups, local_check)
+        finally:
+            self.result["retries"] = self.policy.retried
+            self.result["seconds"] = round(time.monotonic() - started, 3)
+            if self.tm is not None:
+                self.tm.shutdown()
+        if self.result["failed"] and self.result["status"] == "ok":
+            self.result["status"] = "failed"
+        return self.result
+
+    def _all_keys(self, backups):
+        for b in backups:
+            yield s3objects.object_key(self.t, b["name"], b["kind"])
+            yield s3objects.object_key(self.t, b["name"] + backup_format.MANIFEST_SUFFIX, b["kind"])
+
+    def _abandon(self, backups, status, error):
+        self.result["status"] = status
+        for key in self._all_keys(backups):
+            self.fail(key, error)
+        if not backups:  # nothing to copy, but a target that cannot be used is still a failure
+            self.fail("(target)", error)
+
+    def _run(self, backups, local_check):
+        try:
+            self.client = self.client_factory(self.t, self.st)
+        except s3conf.S3Error as exc:
+            self._abandon(backups, "failed", str(exc))
+            return
+        try:
+            listing = s3objects.list_objects(self.client, self.t, self.policy, self.on_retry("LIST"))
+        except (s3conf.BotoCoreError, s3conf.ClientError, OSError) as exc:
+            status = "unreachable" if s3conf.is_connection_error(exc) else "failed"
+            self._abandon(backups, status, "target not usable (listing s3://%s/%s failed): %s"
+                          % (self.t["bucket"], self.t["prefix"], s3conf.error_text(exc)))
+            return
+        if not self.st.check_mode:
+            self.tm = s3conf.TransferManager(self.client, s3conf.TransferConfig(
+                multipart_threshold=self.st.multipart_threshold, multipart_chunksize=self.st.multipart_chunksize,
+                max_concurrency=self.st.max_concurrency, use_threads=True))
+
+        # HEAD, in parallel, every object the listing shows with the right size
+        wanted = {}
+        for b in backups:
+            wanted[s3objects.object_key(self.t, b["name"], b["kind"])] = (b["size"], b["sha256"])
+            wanted[s3objects.object_key(self.t, b["name"] + backup_format.MANIFEST_SUFFIX, b["kind"])] = (
+                len(b["manifest_bytes"]), b["manifest_sha256"])
+        to_head = [k for k, (size, _sha) in wanted.items() if listing.get(k) == size]
+        state = {k: "missing" if k not in listing else "differs" for k in wanted}
+        if to_head:
+            with ThreadPoolExecutor(max_workers=min(self.st.head_concurrency, len(to_head))) as pool:
+                futures = {k: pool.submit(self.head, k) for k in to_head}
+            for k, fut in futures.items():
+                try:
+                    head = fut.result()
+                except (s3conf.BotoCoreError, s3conf.ClientError, OSError) as exc:
+                    state[k] = "error: %s" % s3conf.error_text(exc)
+                    continue
+                size, sha = wanted[k]
+                problem = s3objects.head_problem(head, size, sha)
+                state[k] = "ok" if problem is None else problem
+
+        # several backups in flight at once (newest first): hides per-request latency
+        workers = min(self.st.backup_concurrency, len(backups)) or 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for fut in [pool.submit(self._one_backup, b, state, local_check) for b in backups]:
+                fut.result()
+        # keep the listing order stable (newest first) whatever the completion order
+        order = {k: i for i, k in enumerate(self._all_keys(backups))}
+        for field in ("uploaded", "would_upload", "repaired"):
+            if field in self.result:
+                self.result[field].sort(key=lambda k: order.get(k, 0))
+        self.result["failed"].sort(key=lambda f: order.get(f["key"], 0))
+
+    def _one_backup(self, b, state, local_check):
+        dump_key = s3objects.object_key(self.t, b["name"], b["kind"])
+        man_key = s3objects.object_key(self.t, b["name"] + backup_format.MANIFEST_SUFFIX, b["kind"])
+        if self._unreachable_error:
+            self.fail(dump_key, self._unreachable_error)
+            self.fail(man_key, self._unreachable_error)
+            return
+        try:
+            self._replicate_backup(b, dump_key, man_key, state, local_check)
+        except _ObjectFailure as exc:
+            self.fail(exc.key, exc.text)
+            if exc.key == dump_key:
+                self.fail(man_key, "not uploaded: its dump is not verified on this target")
+            if exc.cause is not None and s3conf.is_connection_error(exc.cause) and not self.probe():
+                with self._lock:
+                    self._unreachable_error = "not attempted: target became unreachable (%s)" % exc.text
+                    self.result["status"] = "unreachable"
+
+    def _replicate_backup(self, b, dump_key, man_key, state, local_check):
+        dump_state = state[dump_key]
+        if dump_state.startswith("error: "):
+            raise _ObjectFailure(dump_key, "HEAD failed: %s" % dump_state[len("error: "):])
+        try:
+            if dump_state == "ok" and self.st.verify_existing and not self.st.check_mode:
+                try:
+                    self.verify_by_download(dump_key, b["size"], b["sha256"])
+                except s3conf.CorruptObject as exc:
+                    self.log("target %s: %s is corrupted (%s); uploading it again" % (self.t["name"], dump_key, exc))
+                    self.add("repaired", dump_key)
+                    dump_state = "corrupted"
+            if dump_state == "ok":
+                self.add("verified_present", 1)
+            else:
+                if local_check(b):  # not a valid local backup: uploaded nowhere, reported by the caller
+                    return
+                if self.st.check_mode:
+                    self.add("would_upload", dump_key)
+                else:
+                    checksum = self.upload_file(dump_key, b["path"], b["size"], b["sha256"])
+                    self.verify_after_upload(dump_key, b["size"], b["sha256"], checksum)
+                    self.add("uploaded", dump_key)
+                    self.add("bytes_uploaded", b["size"])
+        except (s3conf.BotoCoreError, s3conf.ClientError, OSError, s3conf.S3Error) as exc:
+            raise _ObjectFailure(dump_key, exc)
+        # the manifest only after the dump is verified on this target
+        if state[man_key] == "ok":
+            self.add("verified_present", 1)
+            return
+        if self.st.check_mode:
+            self.add("would_upload", man_key)
+            return
+        try:
+            checksum = self.put_bytes(man_key, b["manifest_bytes"], b["manifest_sha256"])
+            self.verify_after_upload(man_key, len(b["manifest_bytes"]), b["manifest_sha256"], checksum)
+        except (s3conf.BotoCoreError, s3conf.ClientError, OSError, s3conf.S3Error) as exc:
+            raise _ObjectFailure(man_key, exc)
+        self.add("uploaded", man_key)
+        self.add("bytes_uploaded", len(b["manifest_bytes"]))
+
+
+class _ObjectFailure(Exception):
+    """One object could not be replicated and verified."""
+
+    def __init__(self, key, cause):
+        self.key = key
+        if isinstance(cause, str):
+            self.cause, self.text = None, cause
+        else:
+            self.cause = cause
+            self.text = str(cause) if isinstance(cause, s3conf.S3Error) else s3conf.error_text(cause)
+        Exception.__init__(self, "%s: %s" % (key, self.text))
+
+
+def replicate(backup_dir, targets, settings=None, name_prefix=backup_format.DEFAULT_PREFIX,
+              client_factory=s3conf.make_client, log=None):
+    """Upload every valid local backup (dump, then manifest) that a target lacks, and verify it there.
+
+    ``targets``: list of dicts (see TARGET_OPTIONS).  Returns a dict:
+    ``changed``, ``ok``, ``backups`` (local names considered), ``invalid_local``,
+    ``targets`` (per-target results), ``uploaded`` (count), ``failed``
+    (``[{"target", "key", "error"}]``), ``warnings``, ``duration``.  In check
+    mode nothing is uploaded and each target lists ``would_upload``.
+    Never raises for a target or object failure: those are in ``failed``.
+    """
+    started = time.monotonic()
+    settings = settings or s3conf.Settings()
+    targets = s3conf.normalize_targets(targets)
+    s3conf.require_boto3()
+    warnings = []
+    lock = threading.Lock()
+
+    def _log(msg):
+        if log is not None:
+            with lock:
+                log(msg)
+
+    for t in targets:
+        w = s3conf.credentials_file_warning(t)
+        if w:
+            warnings.append(w)
+    backups, invalid = scan_local_backups(backup_dir, name_prefix)
+    local_checked = {}
+
+    def local_check(b):
+        if b["name"] not in local_checked:
+            local_checked[b["name"]] = verify_local(b)
+            if local_checked[b["name"]]:
+                invalid.append({"name": b["name"], "reason": local_checked[b["name"]]})
+        return local_checked[b["name"]]
+
+    results = []
+    for t in targets:
+        results.append(_TargetRun(t, settings, client_factory, _log).run(backups, local_check))
+    if not backups:
+        warnings.append("no valid backup named %s-<stamp>.dump in %s" % (name_prefix or "<prefix>", backup_dir))
+    for entry in invalid:
+        warnings.append("local backup %s is not valid and was not replicated: %s" % (entry["name"], entry["reason"]))
+    failed = [{"target": r["name"], "key": f["key"], "error": f["error"]} for r in results for f in r["failed"]]
+    for r in results:
+        if r["status"] == "unreachable":
+            warnings.append("target %s is unreachable" % r["name"])
+    uploaded = sum(len(r["uploaded"]) for r in results)
+    would = sum(len(r.get("would_upload", [])) for r in results)
+    return {
+        "changed": bool(uploaded or would),
+        "ok": not failed,
+        "check_mode": settings.check_mode,
+        "backup_dir": backup_dir,
+        "backups": [b["name"] for b in backups if not local_checked.get(b["name"])],
+        "invalid_local": invalid,
+        "targets": results,
+        "uploaded": uploaded,
+        "failures": failed,
+        "warnings": warnings,
+        "duration": round(time.monotonic() - started, 3),
+    }
+
+
+def failure_message(result, limit=50):
+    """One message naming every failed target/object (up to ``limit``)."""
+    failed = result["failures"]
+    lines = ["%s: %s: %s" % (f["target"], f["key"], f["error"]) for f in failed[:limit]]
+    if len(failed) > limit:
+        lines.append("... and %d more" % (len(failed) - limit))
+    targets = sorted({f["target"] for f in failed})
+    objects = sum(1 for f in failed if f["key"] != "(target)")
+    return "S3 replication incomplete (%d object(s) not replicated and verified) on target(s) %s: %s" % (
+        objects, ", ".join(targets), "; ".join(lines))
