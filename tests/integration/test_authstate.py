@@ -9,7 +9,8 @@ import shutil
 import pytest
 from authgen import REFERENCE_MIX, generate, load_into
 
-from ansible_collections.baileys.resilience.plugins.module_utils import authstate, fsutil, pgconn
+from ansible_collections.baileys.resilience.plugins.module_utils import authexport, authimport, authnames, authstate
+from ansible_collections.baileys.resilience.plugins.module_utils import fsutil, pgconn
 from ansible_collections.baileys.resilience.plugins.module_utils import baileys_codec as codec
 
 SMALL_MIX = {k: max(2, v // 40) for k, v in REFERENCE_MIX.items()}  # ~45 keys of every type
@@ -391,7 +392,7 @@ def test_interrupted_export_of_a_new_company_leaves_no_directory(db, dbconn, tmp
         return real_write(*args)
 
     monkeypatch.setattr(fsutil.os, "write", flaky_write)
-    monkeypatch.setattr(authstate.shutil, "rmtree", lambda *a, **k: None)  # as after SIGKILL: nothing cleans up
+    monkeypatch.setattr(authexport.shutil, "rmtree", lambda *a, **k: None)  # as after SIGKILL: nothing cleans up
     with pytest.raises(KeyboardInterrupt):
         export(db, tmp_path)
     monkeypatch.undo()
@@ -535,7 +536,7 @@ def _spy_direct(monkeypatch, force=None):
         seen.append(answer)
         return answer
 
-    monkeypatch.setattr(authstate, "_copy_directly", spy)
+    monkeypatch.setattr(authimport, "_copy_directly", spy)
     return seen
 
 
@@ -613,7 +614,7 @@ def test_import_reads_files_of_any_size_whole(db, dbconn, tmp_path, size, monkey
     def strict(*_a, **_k):
         raise AssertionError("the fast reader refused a good file")
 
-    monkeypatch.setattr(authstate, "read_directory", strict)  # a truncated read would fall back to it
+    monkeypatch.setattr(authimport, "read_directory", strict)  # a truncated read would fall back to it
     company = tmp_path / "acme"
     company.mkdir()
     (company / "creds.json").write_text('{"registered": true}')
@@ -633,7 +634,7 @@ def test_import_fast_reader_escapes_key_ids_for_copy(db, dbconn, tmp_path, monke
     def strict(*_a, **_k):
         raise AssertionError("the fast reader refused good files")
 
-    monkeypatch.setattr(authstate, "read_directory", strict)
+    monkeypatch.setattr(authimport, "read_directory", strict)
     company = tmp_path / "acme"
     company.mkdir()
     (company / "creds.json").write_text('{"registered": true}')
@@ -651,7 +652,7 @@ def test_import_reads_many_companies_in_worker_processes(db, dbconn, tmp_path, m
     """Four companies: read by forked reader processes, in order, bad files still named."""
     import multiprocessing
 
-    monkeypatch.setattr(authstate, "READ_PROCESSES", 2)
+    monkeypatch.setattr(authnames, "READ_PROCESSES", 2)
     contexts = []
     real_get_context = multiprocessing.get_context
 
@@ -729,7 +730,7 @@ def test_noop_export_reads_no_key_row_and_reports_as_a_full_comparison(db, dbcon
     assert any("reads back as a different id" in w for w in fast["warnings"])
     assert any("'no-creds' has keys but no creds row" in w for w in fast["warnings"])
 
-    monkeypatch.setattr(authstate, "verify_directory", lambda *args: None)  # every company compared file by file
+    monkeypatch.setattr(authexport, "verify_directory", lambda *args: None)  # every company compared file by file
     full = export(db, tmp_path, prune=prune, diff=diff)
     assert reads[1:] == [sorted(c["company_id"] for c in first["companies"])]
     assert tree(tmp_path) == before
@@ -854,7 +855,7 @@ def test_locked_directory_is_reported_on_a_noop_export(db, dbconn, tmp_path):
 def test_directory_checks_in_worker_processes_or_not_agree(db, dbconn, tmp_path, monkeypatch, processes):
     import multiprocessing
 
-    monkeypatch.setattr(authstate, "READ_PROCESSES", processes)
+    monkeypatch.setattr(authnames, "READ_PROCESSES", processes)
     contexts = []
     real_get_context = multiprocessing.get_context
     monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: contexts.append(method)
