@@ -66,9 +66,8 @@ class ImportGuards:
 def _fingerprints(cur, table, company_ids):
     """``{company_id: fingerprint}`` of ``table``'s key rows (the :class:`authsource.DatabaseSource` formula)."""
     where, args = authsource._where_companies(company_ids)
-    cur.execute(pgconn.sql.SQL(authsource._FINGERPRINT_SQL).format(table, where), args)
-    fps = {cid: "%d:%d:%s" % (authsource.FINGERPRINT_VERSION, n, total) for cid, n, total in cur.fetchall()}
-    return {cid: fps.get(cid, "%d:0:0" % authsource.FINGERPRINT_VERSION) for cid in company_ids}
+    fps = authsource.read_fingerprints(cur, table, where, args)
+    return {cid: fps.get(cid, authsource.EMPTY_FINGERPRINT) for cid in company_ids}
 
 
 def _creds_view(cur, store, company_ids):

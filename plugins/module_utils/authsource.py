@@ -51,6 +51,15 @@ _FINGERPRINT_SQL = (
 )
 
 
+EMPTY_FINGERPRINT = "%d:0:0" % FINGERPRINT_VERSION  # a company without key rows
+
+
+def read_fingerprints(cur, table, where, args):
+    """``{company_id: fingerprint}`` of ``table``'s key rows (``where``/``args``: a company filter)."""
+    cur.execute(pgconn.sql.SQL(_FINGERPRINT_SQL).format(table, where), args)
+    return {company_id: "%d:%d:%s" % (FINGERPRINT_VERSION, count, total) for company_id, count, total in cur.fetchall()}
+
+
 def _where_companies(companies):
     if companies is None:
         return pgconn.sql.SQL(""), ()
@@ -95,11 +104,7 @@ class DatabaseSource:
         where, args = self._filter
         try:
             with self.conn.cursor() as cur:
-                cur.execute(pgconn.sql.SQL(_FINGERPRINT_SQL).format(self.store.keys, where), args)
-                self._fingerprints = {
-                    company_id: "%d:%d:%s" % (FINGERPRINT_VERSION, count, total)
-                    for company_id, count, total in cur.fetchall()
-                }
+                self._fingerprints = read_fingerprints(cur, self.store.keys, where, args)
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by wait()
             self._error = exc
 
@@ -131,7 +136,7 @@ class DatabaseSource:
     def fingerprint(self, company_id):
         if not self.fingerprinted:
             return None
-        return self.fingerprints.get(company_id, "%d:0:0" % FINGERPRINT_VERSION)
+        return self.fingerprints.get(company_id, EMPTY_FINGERPRINT)
 
     def states(self, company_ids=None):
         """Yield full :class:`CompanyState` (key rows read) for ``company_ids`` (default: all)."""
