@@ -191,3 +191,32 @@ def test_legacy_marker_means_files_until_a_state_is_written(tmp_path):
     assert state["mode"] == "files" and "rolled back before the state file existed" in state["note"]
     failover_state.update(path, {"mode": "postgres", "run_id": "r2"})
     assert failover_state.read(path, str(marker))["mode"] == "postgres"  # the file, once written, decides
+
+
+def test_auth_export_module_fails_naming_the_bad_company_after_exporting_the_good_ones(ansible_env, db, dbconn,
+                                                                                      tmp_path):
+    import subprocess
+
+    load_into(dbconn, generate(2, seed=61, form="base64", mix=SMALL_MIX))
+    dbconn.execute("INSERT INTO whatsapp_auth (company_id, creds) VALUES ('../x', '{}')")
+    dbconn.commit()
+    dest = tmp_path / "sessions"
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"dest": str(dest), "login_host": db["login_host"], "login_port": db["login_port"],
+                                "login_user": db["login_user"], "login_password": db["login_password"],
+                                "login_db": db["login_db"]}))
+    os.chmod(args, 0o600)
+    book = tmp_path / "export.yml"
+    book.write_text("- hosts: localhost\n  gather_facts: false\n  tasks:\n    - name: Export\n"
+                    "      baileys.resilience.auth_export: \"{{ export_args }}\"\n")
+    args.write_text(json.dumps({"export_args": json.loads(args.read_text())}))
+    inventory = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "inventories", "demo", "hosts.yml")
+    proc = subprocess.run(["ansible-playbook", "-i", inventory, str(book), "-e", "@%s" % args],
+                          capture_output=True, text=True, env=dict(ansible_env, ANSIBLE_STDOUT_CALLBACK="json"))
+    assert proc.returncode != 0, proc.stdout
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    assert result["failed"] and "refused 1" in result["msg"] and "'../x'" in result["msg"]
+    assert result["totals"]["companies"] == 2
+    assert sorted(os.listdir(dest)) == ["company-001", "company-002"]
+    assert db["login_password"] not in proc.stdout
