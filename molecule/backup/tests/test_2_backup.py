@@ -151,7 +151,11 @@ def test_retention_keeps_7_daily_and_4_monthly(host, cron_backup):
     if not set(daily.values()) & set(monthly.values()):  # days 1-7 of a month: this month's monthly is a daily
         assert len(remaining) == 11
     assert sorted(result["deleted"]) == sorted({n for _s, n, _k in entries} - keep)
-    assert real in result["deleted"]  # same day as the new backup, not the newest of the day
+    if real_manifest["kind"] == "monthly" and monthly.get(real_stamp.strftime("%Y-%m")) == real:
+        # run on the first day of a month: the real backup is that month's first, kept as its monthly
+        assert real not in result["deleted"] and real in remaining
+    else:
+        assert real in result["deleted"]  # same day as the new backup, not the newest of the day
     names = listing(host)
     assert names == sorted(remaining + [n + ".manifest.json" for n in remaining]), names
     for name in names:
