@@ -64,6 +64,13 @@ options:
   note:
     description: Free text shown in reports.
     type: str
+  require_paths:
+    description:
+      - Paths that must exist (for example the service's environment file); the task fails naming the first
+        missing one before it reads or writes anything, so that a failover stops before it touches the service.
+    type: list
+    elements: path
+    default: []
   legacy_files_marker:
     description:
       - A path whose existence means C(files) when there is no state file yet, for a service rolled back before
@@ -129,10 +136,14 @@ def main():
             stopped_at=dict(type="str"),
             note=dict(type="str"),
             legacy_files_marker=dict(type="path"),
+            require_paths=dict(type="list", elements="path", default=[]),
         ),
         supports_check_mode=True,
     )
     p = module.params
+    for path in p["require_paths"]:
+        if not os.path.exists(path):
+            module.fail_json(msg="failover: %s does not exist" % path)
     changes = {k: p[k] for k in failover_state.FIELDS if p.get(k) is not None}
     exists = os.path.exists(p["path"]) if p["path"] else False
     try:
