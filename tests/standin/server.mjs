@@ -247,7 +247,17 @@ function openJournal (path) {
     writerLog('writer_journal_torn_tail', { journal: path, dropped_bytes: size - keep })
     size = keep
   }
-  if (size === 0) return { fd, seq: 0 }
+  if (size === 0) return { fd, seq: 0, preKeyMax: {} }
+  // the highest writer pre-key id each company ever had, consumed ones included: a restarted writer never hands
+  // one out again (the store alone would not say, once the newest was consumed)
+  const preKeyMax = {}
+  for (const line of readAt(fd, 0, size).toString('utf8').split('\n')) {
+    let e
+    try { e = JSON.parse(line) } catch { continue }
+    if (e && e.type === 'pre-key' && e.op === 'set' && /^\d+$/.test(String(e.id))) {
+      preKeyMax[e.company] = Math.max(preKeyMax[e.company] ?? 0, Number(e.id))
+    }
+  }
   for (let chunk = 65536; ; chunk *= 4) {
     const n = Math.min(size, chunk)
     const lines = readAt(fd, size - n, n).toString('utf8').split('\n').filter(Boolean)
@@ -255,7 +265,7 @@ function openJournal (path) {
     for (const line of lines.reverse()) {
       let seq
       try { seq = JSON.parse(line).seq } catch {}
-      if (Number.isInteger(seq)) return { fd, seq }
+      if (Number.isInteger(seq)) return { fd, seq, preKeyMax }
     }
     if (n === size) {
       closeSync(fd)
@@ -451,6 +461,10 @@ async function startWriter () {
     const opened = openJournal(writer.journalPath)
     writer.fd = opened.fd
     writer.seq = opened.seq
+    for (const ctx of writer.contexts) { // never hand out a pre-key id the journal has seen, consumed or not
+      const journaled = opened.preKeyMax[ctx.company]
+      if (journaled !== undefined && journaled >= ctx.nextPreKey) ctx.nextPreKey = journaled + 1
+    }
   } catch (err) {
     writerError(err, 'writer not started')
     return
