@@ -1,4 +1,5 @@
-"""sys.path for the benchmark scripts: this checkout as the baileys.resilience collection, plus tests/.
+"""sys.path for the benchmark scripts: this checkout as the baileys.resilience collection, plus tests/ (the
+test helpers, imported as the package ``support``: tests/support).
 
 Imported first by every script here (they run as ``python benchmarks/<script>.py``).
 """

@@ -33,7 +33,7 @@ import time
 
 import _paths  # noqa: E402,F401 - sets sys.path for the imports below
 
-import s3fixtures  # noqa: E402
+from support import s3fixtures  # noqa: E402
 
 from ansible_collections.baileys.resilience.plugins.module_utils import s3  # noqa: E402
 

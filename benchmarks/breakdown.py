@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run  # noqa: E402
-from pgserver import PgServer  # noqa: E402
+from support.pgserver import PgServer  # noqa: E402
 
 authstate, codec, pgconn = run.authstate, run.codec, run.pgconn
 

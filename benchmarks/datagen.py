@@ -1,4 +1,4 @@
-"""Benchmark data: tests/authgen.py's realistic shapes, at benchmark scale.
+"""Benchmark data: tests/support/authgen.py's realistic shapes, at benchmark scale.
 
 authgen's ``Gen.company`` recounts every key on every insert (quadratic) and
 draws random bytes one at a time; fine for tests, minutes at 200,000 keys.
@@ -12,13 +12,9 @@ This subclass keeps authgen's value shapes and key ids and changes only:
 """
 from __future__ import annotations
 
-import os
-import sys
+import _paths  # noqa: F401 - sets sys.path for the imports below
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-
-import authgen  # noqa: E402
+from support import authgen  # noqa: E402
 
 # app-state-sync-version has only five names in Baileys; identity-key stays tiny.
 FIXED = {"app-state-sync-version": 5, "identity-key": 3}

@@ -36,7 +36,7 @@ import time
 from _paths import HERE  # noqa: E402 - sets sys.path for the imports below
 
 import datagen  # noqa: E402
-from pgserver import PgServer  # noqa: E402
+from support.pgserver import PgServer  # noqa: E402
 
 from ansible_collections.baileys.resilience.plugins.module_utils import authstate  # noqa: E402
 from ansible_collections.baileys.resilience.plugins.module_utils import baileys_codec as codec  # noqa: E402
@@ -270,7 +270,7 @@ def our_import(params, src):
 
 
 def load(pg, admin, companies, keys, seed, legacy_array, legacy_numeric):
-    import authgen
+    from support import authgen
 
     log("generating %d companies x %d keys (seed %d)" % (companies, keys, seed))
     t0 = time.perf_counter()
@@ -307,7 +307,7 @@ def main(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep benchmarks/.data afterwards")
     ap.add_argument("--json", help="also write the results as JSON to this file")
     ap.add_argument("--fast-pg", action="store_true",
-                    help="keep tests/pgserver.py's fsync=off, synchronous_commit=off (default: production "
+                    help="keep tests/support/pgserver.py's fsync=off, synchronous_commit=off (default: production "
                          "durability, so every commit pays its WAL flush as it would on a real server)")
     ap.add_argument("--drop-caches", action="store_true",
                     help="drop the kernel page cache before every run (root only; disturbs anything else running "
@@ -334,7 +334,7 @@ def main(argv=None):
     pg = PgServer(pg_dir).start()
     admin = pgconn.connect(pg.params(), autocommit=True)
     if not args.fast_pg:
-        # tests/pgserver.py turns durability off for test speed; a real server has it on, and the
+        # tests/support/pgserver.py turns durability off for test speed; a real server has it on, and the
         # naive import commits 2,000 times where ours commits once.
         for setting in ("fsync", "synchronous_commit", "full_page_writes"):
             admin.execute("ALTER SYSTEM SET %s = on" % setting)

@@ -3,7 +3,7 @@
 1. a throwaway PostgreSQL (.demo/pg) holding a realistic auth state (1 company, 1,650 keys of every type,
    legacy Buffer forms included), and a local S3 endpoint with two buckets standing for two regions;
 2. export / re-export (no-op) / import into a second database / re-export, sha256 of every file compared;
-3. the collection's roles applied to localhost (provision.yml: tool, pg_backup, keys_cleanup, s3_replication)
+3. the collection's roles applied to localhost (provision.yml: cli, pg_backup, keys_cleanup, s3_replication)
    with every path under .demo/;
 4. the service stand-in (real Baileys) under PM2, on PostgreSQL;
 5. a backup exactly as the cron line runs it, replicated to S3;
@@ -29,9 +29,9 @@ DEMO = os.path.join(ROOT, ".demo")
 VENV_BIN = os.path.dirname(sys.executable)
 sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, ".build", "collections")]
 
-import journal_check  # noqa: E402
-from authgen import generate, load_into  # noqa: E402
-from pgserver import PgServer, free_port  # noqa: E402
+from support import journal_check  # noqa: E402
+from support.authgen import generate, load_into  # noqa: E402
+from support.pgserver import PgServer, free_port  # noqa: E402
 
 from ansible_collections.baileys.resilience.plugins.module_utils import pgconn  # noqa: E402
 
@@ -147,7 +147,7 @@ class Demo:
 
     def start_s3(self):
         """A local S3 endpoint (moto) with two buckets standing for two regions."""
-        import s3fixtures
+        from support import s3fixtures
 
         t = time.monotonic()
         os.makedirs(os.path.join(DEMO, "s3"), exist_ok=True)
@@ -166,7 +166,7 @@ class Demo:
         return True
 
     def s3_objects(self):
-        import s3fixtures
+        from support import s3fixtures
 
         return {name: s3fixtures.list_keys(self.moto.url, bucket, region)
                 for name, region, bucket in self.buckets}
@@ -206,15 +206,16 @@ class Demo:
         p = self.server.params("whatsapp")
         bindir = self.server.bindir
         self.v = {
-            "tool_install_dir": os.path.join(DEMO, "opt"), "tool_bin": os.path.join(DEMO, "bin", "baileys-resilience"),
-            "tool_config_dir": os.path.join(DEMO, "etc"), "tool_log_dir": os.path.join(DEMO, "log"),
-            "tool_python": sys.executable, "tool_manage_packages": False,
-            "tool_db_host": p["login_host"], "tool_db_port": p["login_port"], "tool_db_user": p["login_user"],
-            "tool_db_password": p["login_password"], "tool_db_name": "whatsapp", "tool_pg_bin_dir": bindir,
-            "tool_backup_dir": os.path.join(DEMO, "backups"), "tool_textfile_dir": os.path.join(DEMO, "metrics"),
+            "cli_install_dir": os.path.join(DEMO, "opt"), "cli_bin": os.path.join(DEMO, "bin", "baileys-resilience"),
+            "cli_config_dir": os.path.join(DEMO, "etc"), "cli_log_dir": os.path.join(DEMO, "log"),
+            "cli_python": sys.executable, "cli_manage_packages": False,
+            "cli_db_host": p["login_host"], "cli_db_port": p["login_port"], "cli_db_user": p["login_user"],
+            "cli_db_password": p["login_password"], "cli_db_name": "whatsapp", "cli_pg_bin_dir": bindir,
+            "cli_backup_dir": os.path.join(DEMO, "backups"), "cli_textfile_dir": os.path.join(DEMO, "metrics"),
             "pg_backup_dir": os.path.join(DEMO, "backups"), "pg_backup_pg_bin_dir": bindir,
             "pg_backup_cron_file": os.path.join(DEMO, "cron.d", "baileys-resilience-backup"),
             "keys_cleanup_cron_file": os.path.join(DEMO, "cron.d", "baileys-resilience-cleanup"),
+            "cli_health_cron_file": os.path.join(DEMO, "cron.d", "baileys-resilience-health"),
         }
         for d in ("bin", "cron.d", "metrics"):
             os.makedirs(os.path.join(DEMO, d), exist_ok=True)
@@ -225,7 +226,7 @@ class Demo:
         _res, secs = self.playbook("provision.yml", self.v, "--skip-tags", skip)
         crons = sorted(os.listdir(os.path.join(DEMO, "cron.d")))
         self.step("roles applied to localhost", secs, "cron: %s" % ", ".join(c.split("-")[-1] for c in crons),
-                  os.path.exists(self.v["tool_bin"]) and len(crons) == 3)
+                  os.path.exists(self.v["cli_bin"]) and len(crons) == 4)
 
     def start_service(self):
         t = time.monotonic()

@@ -10,6 +10,7 @@ command -v npm >/dev/null || need+=(npm)
 command -v zstd >/dev/null || need+=(zstd)
 command -v runuser >/dev/null || need+=(util-linux)
 command -v crontab >/dev/null || need+=(cron)
+command -v promtool >/dev/null || need+=(prometheus)  # promtool: rule checks and rule unit tests
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "missing system packages: ${need[*]} (run as root or install them)" >&2

@@ -1,10 +1,13 @@
-"""Shared fixtures: a real PostgreSQL server for the whole run, a fresh database per test.
+"""Shared fixtures: a real PostgreSQL server for the whole run, a fresh database per test, moto S3 servers.
 
 The collection is importable as ``ansible_collections.baileys.resilience`` through
-``.build/collections`` (``make collection`` creates the link).
+``.build/collections`` (``make collection`` creates the link; created here when missing).
+The helpers are the package ``support`` (tests/support), on ``sys.path`` through the
+``pythonpath`` setting in pyproject.toml, like ``.build/collections``.
 """
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import shutil
@@ -13,20 +16,17 @@ import tempfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLLECTIONS = os.path.join(ROOT, ".build", "collections")
+from support import COLLECTIONS, ROOT, baileys_node
+
 LINK = os.path.join(COLLECTIONS, "ansible_collections", "baileys", "resilience")
 if not os.path.exists(LINK):
     os.makedirs(os.path.dirname(LINK), exist_ok=True)
     os.symlink(ROOT, LINK)
-for path in (COLLECTIONS, os.path.join(ROOT, "tests")):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-import baileys_node  # noqa: E402
-from pgserver import PgServer  # noqa: E402
+    importlib.invalidate_caches()  # .build/collections is on sys.path (pyproject.toml) but was missing
 
 from ansible_collections.baileys.resilience.plugins.module_utils import pgconn  # noqa: E402
+from support.pgserver import PgServer  # noqa: E402
+from support.s3fixtures import TEST_ACCESS_KEY, TEST_SECRET_KEY, FaultProxy, MotoServer  # noqa: E402
 
 _counter = itertools.count(1)
 
@@ -93,3 +93,60 @@ def host_pkg(tmp_path_factory):
     shutil.copytree(os.path.join(ROOT, "plugins", "module_utils"), str(base / "baileys_resilience"),
                     ignore=shutil.ignore_patterns("__pycache__"))
     return str(base)
+
+
+# --------------------------------------------------------------------------- S3 (support/s3fixtures.py)
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory):
+    """A moto standalone server for the session (buckets are unique per test)."""
+    server = MotoServer(log_path=str(tmp_path_factory.mktemp("moto1") / "moto.log")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto2(tmp_path_factory):
+    """A second, independent moto server (another provider / region endpoint)."""
+    server = MotoServer(log_path=str(tmp_path_factory.mktemp("moto2") / "moto.log")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path):
+    """The moto credentials in the environment; no ~/.aws, no instance metadata."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET_KEY)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    return {"AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
+            "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}
+
+
+@pytest.fixture
+def fault_proxy():
+    """Factory: ``fault_proxy(server, *rules)`` -> a started :class:`FaultProxy`; stopped after the test."""
+    proxies = []
+
+    def make(server, *rules):
+        proxy = FaultProxy(server.port, rules).start()
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+
+
+@pytest.fixture
+def backup_dir(tmp_path):
+    path = tmp_path / "backups"
+    path.mkdir(mode=0o700)
+    return str(path)

@@ -64,7 +64,8 @@ options:
     type: dict
     default: {}
 requirements:
-  - psycopg (version 3) on the host that runs the module (Debian C(python3-psycopg)).
+  - psycopg (version 3) or psycopg2 on the host that runs the module (Debian C(python3-psycopg) or
+    C(python3-psycopg2)); psycopg 3 is used when both are installed.
 notes:
   - libpq environment variables (C(PGHOST), C(PGPASSFILE), C(PGSERVICE)...) and passfiles apply
     to every option left unset.

@@ -19,6 +19,17 @@ Telegram
     ``POST {api_base}/bot<token>/sendMessage`` with ``chat_id`` and ``text`` (JSON), stdlib
     ``urllib`` with a timeout.  The token is part of the URL path, so every error message is
     scrubbed of it before it is logged.
+
+Alert state (optional, alertstate.py)
+    With ``alerts.state_file`` set (or a ``default_state_file`` given by the caller), every decision to
+    send goes through the alert state on disk, one entry per alert key ``(job, check, company)``: the
+    first occurrence and a level change are sent at once, the same problem again at most once per
+    cooldown (``alerts.cooldowns``: check name, ``<job>.<check>`` or ``default`` to seconds or ``5m``),
+    and a cleared problem gets one "resolved" message.  A job's failure is the key
+    ``(job, "failure", "")``; the checks a job reports (health) are ``(job, <check>, <company>)``; a job's
+    report is complete, so a key of that job it no longer reports is resolved.  Sentry events carry the
+    fingerprint ``["baileys-resilience", job, check, company]`` so one problem is one Sentry issue.
+    Without a state file the behaviour is the old one: a message on every failed or warning run.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -26,7 +37,7 @@ import json
 import socket
 import time
 
-from . import jobs
+from . import alertstate, errors, jobs
 
 __metaclass__ = type
 
@@ -48,7 +59,7 @@ DEFAULT_SCHEDULES = {
 }
 
 
-class AlertConfigError(ValueError):
+class AlertConfigError(errors.BaileysResilienceError, ValueError):
     pass
 
 
@@ -66,10 +77,11 @@ class Alerts:
     SENTRY_KEYS = ("dsn", "environment", "release", "monitor_prefix", "schedules", "checkin_margin",
                    "max_runtime", "failure_issue_threshold", "recovery_threshold", "flush_timeout", "server_name")
     TELEGRAM_KEYS = ("bot_token", "chat_id", "api_base", "notify_success", "timeout", "disable_notification")
+    STATE_KEYS = ("state_file", "cooldowns")
 
-    def __init__(self, config=None, log=None, secrets=()):
+    def __init__(self, config=None, log=None, secrets=(), default_state_file=None, clock=None):
         config = _dict(config, "")
-        unknown = sorted(set(config) - {"sentry", "telegram"})
+        unknown = sorted(set(config) - {"sentry", "telegram"} - set(self.STATE_KEYS))
         if unknown:
             raise AlertConfigError("unknown key(s) under alerts: %s" % ", ".join(unknown))
         self.sentry_cfg = _dict(config.get("sentry"), "sentry")
@@ -90,6 +102,30 @@ class Alerts:
         self._check_ins = {}
         self._started = {}
         self.delivery_failures = []
+        self.decisions = []
+        self.clock = clock
+        state_file = config.get("state_file")
+        if state_file is None:
+            state_file = default_state_file
+        if state_file not in (None, False) and not isinstance(state_file, str):
+            raise AlertConfigError("alerts.state_file must be a path (or empty to turn the alert state off)")
+        try:
+            self.cooldowns = alertstate.parse_cooldowns(config.get("cooldowns"))
+        except alertstate.AlertStateError as exc:
+            raise AlertConfigError(str(exc))
+        self.state = None
+        if state_file:
+            self.use_state(state_file)
+
+    def use_state(self, path):
+        """Decide through the alert state at ``path`` (kept when one is already configured)."""
+        if self.state is None and path:
+            self.state = alertstate.AlertState(path, cooldowns=self.cooldowns, clock=self.clock,
+                                               warn=self._state_warning)
+        return self.state
+
+    def _state_warning(self, message):
+        self._log("alert_state", "warning", message=jobs.scrub_text(message, self.secrets))
 
     # ------------------------------------------------------------------ helpers
 
@@ -187,7 +223,8 @@ class Alerts:
             self._fail("sentry", exc)
             return None
 
-    def capture_failure(self, job, message, context=None, exc=None):
+    def capture_failure(self, job, message, context=None, exc=None, check="failure", company="", level="error"):
+        """A Sentry event grouped by the alert key's fingerprint (one issue per job, check and company)."""
         sdk = self._sentry_sdk()
         if sdk is None:
             return None
@@ -196,11 +233,14 @@ class Alerts:
             scope_cm = sdk.new_scope() if hasattr(sdk, "new_scope") else sdk.push_scope()
             with scope_cm as scope:
                 scope.set_tag("job", job)
+                scope.set_tag("check", check)
+                if company:
+                    scope.set_tag("company", company)
                 scope.set_context("job", jobs.scrub(dict(context or {}, job=job), self.secrets))
-                scope.fingerprint = ["baileys-resilience", job, type(exc).__name__ if exc else "failure"]
+                scope.fingerprint = alertstate.fingerprint((job, check, company))
                 if exc is not None:
                     return sdk.capture_exception(exc)
-                return sdk.capture_message(jobs.scrub_text(message, self.secrets), level="error")
+                return sdk.capture_message(jobs.scrub_text(message, self.secrets), level=level)
         except Exception as err:  # noqa: BLE001
             self._fail("sentry", err)
             return None
@@ -214,8 +254,26 @@ class Alerts:
 
     # ------------------------------------------------------------------ Telegram
 
-    def telegram(self, text):
-        """Send ``text``; True when Telegram answered ok."""
+    def telegram(self, text, alert_key=None, level="warning"):
+        """Send ``text``; True when Telegram answered ok.
+
+        With ``alert_key`` (``(job, check, company)``) and an alert state, the state decides first:
+        False (nothing sent) when this key is within its cooldown.
+        """
+        if not self.telegram_enabled:
+            return False
+        if alert_key is not None and self.state is not None:
+            decision = self.state.decide(alert_key, level, message=text)
+            self.decisions.append(decision)
+            if not decision.send:
+                return False
+            if not self._telegram_send(text):
+                self.state.mark_undelivered([decision.key])
+                return False
+            return True
+        return self._telegram_send(text)
+
+    def _telegram_send(self, text):
         if not self.telegram_enabled:
             return False
         cfg = self.telegram_cfg
@@ -257,15 +315,21 @@ class Alerts:
         self._started[job] = time.monotonic()
         self.checkin(job, "in_progress")
 
-    def job_finished(self, job, ok, summary, context=None, exc=None, host=None, warn=False):
+    def job_finished(self, job, ok, summary, context=None, exc=None, host=None, warn=False, checks=None,
+                     notify_on="warning"):
         """Report the end of a job: check-in, error event, Telegram.  Never raises.
 
         ``ok`` decides the check-in; ``warn`` (a run that worked but found a problem, such as a health
-        warning) sends the Telegram message without failing the check-in.
+        warning) sends the Telegram message without failing the check-in.  ``checks`` (health's
+        ``[{"name", "status", "detail", "company_id"?}]``) make one alert key per check when the alert
+        state is on; ``notify_on`` (warning/critical/never) is the lowest check level that alerts.
         """
         duration = time.monotonic() - self._started.pop(job, time.monotonic())
         try:
             self.checkin(job, "ok" if ok else "error", duration=duration)
+            if self.state is not None:
+                self._finish_with_state(job, ok, summary, context, exc, host, warn, checks, notify_on)
+                return
             if not ok:
                 self.capture_failure(job, summary, context, exc)
             if not ok or warn or self.telegram_cfg.get("notify_success"):
@@ -280,5 +344,116 @@ class Alerts:
                 self.telegram("%s\n%s" % (head, summary))
         except Exception as err:  # noqa: BLE001 - alerting never changes the job's result
             self._fail("alerts", err)
+        finally:
+            self.flush()
+
+    # ------------------------------------------------------------------ with the alert state
+
+    @staticmethod
+    def check_items(job, checks, notify_on="warning", notify=True):
+        """``(items, held)``: ``[(key, level, detail)]`` of the checks that alert (at or above ``notify_on``,
+        and ``notify``), and the keys of the other failing checks, which neither alert nor resolve."""
+        floor = len(alertstate.LEVELS) if notify_on == "never" else \
+            alertstate.LEVELS.index(alertstate.normalize_level(notify_on))
+        items, held = [], []
+        for check in checks or ():
+            level = alertstate.normalize_level(check.get("status"))
+            if level == "ok":
+                continue
+            company = check.get("company_id", check.get("company")) or ""
+            key = alertstate.make_key(job, check.get("name") or "check", company)
+            if notify and alertstate.LEVELS.index(level) >= floor:
+                items.append((key, level, check.get("detail") or ""))
+            else:
+                held.append(key)
+        return items, held
+
+    def _finish_with_state(self, job, ok, summary, context, exc, host, warn, checks, notify_on):
+        items, held = [], []
+        if checks is not None:
+            items, held = self.check_items(job, checks, notify_on, notify=warn or not ok)
+        if not ok and not any(level == "critical" for _k, level, _m in items):
+            items.append((alertstate.make_key(job, "failure"), "critical", summary))
+        elif ok and warn and not items:
+            items.append((alertstate.make_key(job, "attention"), "warning", summary))
+        decisions = self.state.report(job, items, hold=held)
+        self.decisions.extend(decisions)
+        problems = [d for d in decisions if d.send and d.kind != "resolved"]
+        resolved = [d for d in decisions if d.send and d.kind == "resolved"]
+        for d in problems:
+            if d.level == "critical":
+                failure = d.key.check == "failure"
+                self.capture_failure(job, summary if failure else "%s: %s" % (d.key.check, d.message),
+                                     dict(context or {}, alert=d.kind, occurrences=d.count),
+                                     exc if failure else None, check=d.key.check, company=d.key.company)
+        on = " on %s" % host if host else ""
+        if problems:
+            if not ok:
+                head = "\u274c baileys-resilience %s FAILED%s" % (job, on)
+            else:
+                head = "\u26a0\ufe0f baileys-resilience %s needs attention%s" % (job, on)
+            lines = [head]
+            for d in problems:
+                if d.key.check in ("failure", "attention") and not d.key.company:
+                    lines.append(str(d.message))
+                    if d.note():
+                        lines.append("(%s)" % d.note())
+                else:
+                    lines.append("\u2022 [%s] %s%s: %s%s" % (
+                        d.level.upper(), d.key.check, " (%s)" % d.key.company if d.key.company else "", d.message,
+                        " (%s)" % d.note() if d.note() else ""))
+            lines.extend("\u2705 " + d.describe() for d in resolved)
+            text = "\n".join(lines)
+        elif resolved:
+            text = "\n".join(["\u2705 baileys-resilience %s recovered%s" % (job, on)]
+                             + [d.describe() for d in resolved])
+            if ok and summary and self.telegram_cfg.get("notify_success"):
+                text += "\n" + summary
+        elif ok and self.telegram_cfg.get("notify_success"):
+            text = "\u2705 baileys-resilience %s succeeded%s\n%s" % (job, on, summary)
+        else:
+            return
+        if not self._telegram_send(text) and self.telegram_enabled and problems:
+            self.state.mark_undelivered([d.key for d in problems])
+
+    def alert(self, job, check, level, message, company="", host=None, context=None, exc=None):
+        """One alert key outside a job's end (the store probe, a lock held): decide, then send.
+
+        Returns the :class:`alertstate.Decision`.  Without an alert state every problem is sent and
+        nothing is ever "resolved".  Never raises.
+        """
+        try:
+            level = alertstate.normalize_level(level)
+            key = alertstate.make_key(job, check, company)
+            if self.state is not None:
+                decision = self.state.decide(key, level, message=message)
+            else:
+                decision = alertstate.Decision(key, level, "new" if level != "ok" else "none", level != "ok",
+                                               time.time(), count=1, message=message, degraded=True)
+            self.decisions.append(decision)
+            if not decision.send:
+                return decision
+            on = " on %s" % host if host else ""
+            label = check + (" (%s)" % company if company else "")
+            if decision.kind == "resolved":
+                text = "\u2705 baileys-resilience %s%s: %s" % (job, on, decision.describe())
+                if message:
+                    text += "\n%s" % message
+            else:
+                icon = "\u274c" if level == "critical" else "\u26a0\ufe0f"
+                text = "%s baileys-resilience %s%s: %s %s\n%s" % (icon, job, on, label, level.upper(), message)
+                if decision.note():
+                    text += "\n(%s)" % decision.note()
+                if level == "critical":
+                    self.capture_failure(job, "%s: %s" % (label, message),
+                                         dict(context or {}, alert=decision.kind, occurrences=decision.count),
+                                         exc, check=check, company=company)
+            if not self._telegram_send(text) and self.telegram_enabled and self.state is not None \
+                    and decision.kind != "resolved":
+                self.state.mark_undelivered([key])
+            return decision
+        except Exception as err:  # noqa: BLE001 - alerting never changes the job's result
+            self._fail("alerts", err)
+            return None
         finally:
             self.flush()

@@ -69,8 +69,9 @@ def _read_file(dir_fd, name):
 
 
 class ExportOptions:
-    def __init__(self, dest, company_dir="{company_id}", prune=True, owner=None, group=None, mode="0600",
-                 directory_mode="0700", check_mode=False, diff=False, source_label="database"):
+    def __init__(self, dest, company_dir=authnames.DEFAULT_COMPANY_DIR, prune=True, owner=None, group=None,
+                 mode=authnames.DEFAULT_FILE_MODE, directory_mode=authnames.DEFAULT_DIRECTORY_MODE, check_mode=False,
+                 diff=False, source_label="database"):
         self.dest = dest
         self.template = authnames.DirTemplate(company_dir)
         self.prune = prune
@@ -689,7 +690,7 @@ def export_from_database(conn_params, store_params, opts, companies=None):
                 result = export_states(source, opts, snapshot)
             finally:
                 source.close()
-    except pgconn.psycopg.Error as exc:
+    except pgconn.Error as exc:
         raise pgconn.PgError("export failed while reading %s: %s" % (pgconn.describe(conn_params),
                                                                      pgconn._scrub(exc, conn_params)))
     finally:

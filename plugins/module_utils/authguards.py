@@ -65,7 +65,7 @@ class ImportGuards:
 
 def _fingerprints(cur, table, company_ids):
     """``{company_id: fingerprint}`` of ``table``'s key rows (the :class:`authsource.DatabaseSource` formula)."""
-    where, args = authsource._where_companies(company_ids)
+    where, args = pgconn.company_filter(company_ids)
     fps = authsource.read_fingerprints(cur, table, where, args)
     return {cid: fps.get(cid, authsource.EMPTY_FINGERPRINT) for cid in company_ids}
 

@@ -24,7 +24,7 @@ import os
 import re
 import time
 
-from . import authguards, authnames, authsource
+from . import authguards, authnames, authsource, errors
 from . import baileys_codec as codec
 from . import fsutil
 from . import pgconn
@@ -166,7 +166,7 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_SIZE = 1 << 16
 
 
-class _NeedsStrictRead(Exception):
+class _NeedsStrictRead(errors.BaileysResilienceError):
     """The fast reader met something it does not accept as is: read everything strictly."""
 
 
@@ -534,8 +534,9 @@ def import_states(conn, store, states, prune=False, check_mode=False, diff=False
     return per, diff_lines
 
 
-def import_auth_state(conn_params, store_params, src, company_id=None, companies=None, company_dir="{company_id}",
-                      prune=False, buffer_encoding="base64", check_mode=False, diff=False, guards=None):
+def import_auth_state(conn_params, store_params, src, company_id=None, companies=None,
+                      company_dir=authnames.DEFAULT_COMPANY_DIR, prune=False,
+                      buffer_encoding=authnames.DEFAULT_BUFFER_ENCODING, check_mode=False, diff=False, guards=None):
     """Validate every file, then apply all companies in one transaction.
 
     Files stream into PostgreSQL as they are read; if any file is not accepted
@@ -568,9 +569,9 @@ def import_auth_state(conn_params, store_params, src, company_id=None, companies
                 pass
             except _NeedsStrictRead:
                 strict = True
-            except pgconn.psycopg.DataError as exc:  # invalid JSON (or text PostgreSQL cannot store)
+            except pgconn.DataError as exc:  # invalid JSON (or text PostgreSQL cannot store)
                 strict = exc
-            except pgconn.psycopg.errors.UniqueViolation:
+            except pgconn.UniqueViolation:
                 if company_ids is None:
                     raise
                 # keys were written for one of these companies since the check: upsert instead
@@ -598,7 +599,7 @@ def import_auth_state(conn_params, store_params, src, company_id=None, companies
         else:
             for d in done:
                 warnings.extend(d.warnings)
-    except pgconn.psycopg.Error as exc:
+    except pgconn.Error as exc:
         raise pgconn.PgError("import failed, nothing was changed (%s): %s" % (
             pgconn.describe(conn_params), pgconn._scrub(exc, conn_params)))
     finally:
@@ -625,5 +626,5 @@ def import_auth_state(conn_params, store_params, src, company_id=None, companies
     return out
 
 
-class _Rollback(Exception):
+class _Rollback(errors.BaileysResilienceError):
     """Raised inside the transaction to roll back a check-mode run."""

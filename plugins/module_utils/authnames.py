@@ -26,17 +26,22 @@ import pwd
 import re
 
 from . import baileys_codec as codec
+from . import errors
 
 __metaclass__ = type
 
 DIFF_LIMIT = 2000  # file names listed per company in diff output
+DEFAULT_COMPANY_DIR = "{company_id}"  # the directory name template of the export and the import
+DEFAULT_FILE_MODE = "0600"  # of exported files
+DEFAULT_DIRECTORY_MODE = "0700"  # of exported company directories
+DEFAULT_BUFFER_ENCODING = "base64"  # how the import writes Buffers (docs: buffer_encoding)
 # Worker processes of an export's directory checks and of an import's fast reader (their reads
 # also overlap on a cold cache).  authexport and authimport read it as authnames.READ_PROCESSES
 # when they run, so a value set here reaches both.
 READ_PROCESSES = min(4, max(2, os.cpu_count() or 1))
 
 
-class AuthStateError(RuntimeError):
+class AuthStateError(errors.BaileysResilienceError, RuntimeError):
     """An error an operator can act on; the message says what and where."""
 
 

@@ -4,13 +4,13 @@
 """Reading the auth-state store (PostgreSQL) for an export.
 
 * :class:`CompanyState`: one company's auth state as text, whatever the source (this
-  store, or a backup: backup.py yields the same objects);
+  store, or a backup: backupsource.py yields the same objects);
 * :class:`snapshot_transaction`: one read-only REPEATABLE READ snapshot for a whole run;
 * :class:`DatabaseSource`: the creds, the fingerprint of each company's key rows and the
   key rows of the companies asked for, all from that snapshot; the key rows in batches of
   ``FETCH_ROWS`` through a server-side cursor, the next batch fetched while the caller works;
-* the fingerprint formula (``FINGERPRINT_VERSION``, ``_FINGERPRINT_SQL``,
-  ``_where_companies``): computed by the server from the stored ``jsonb``; the import guards
+* the fingerprint formula (``FINGERPRINT_VERSION``, ``_FINGERPRINT_SQL``; the company filter
+  is ``pgconn.company_filter``): computed by the server from the stored ``jsonb``; the import guards
   (authguards.py) compute the same formula over the files they import.
 
 Reads only: nothing here writes to the store.  Imports pgconn, no other auth-state room,
@@ -60,12 +60,6 @@ def read_fingerprints(cur, table, where, args):
     return {company_id: "%d:%d:%s" % (FINGERPRINT_VERSION, count, total) for company_id, count, total in cur.fetchall()}
 
 
-def _where_companies(companies):
-    if companies is None:
-        return pgconn.sql.SQL(""), ()
-    return pgconn.sql.SQL(" WHERE company_id = ANY(%s)"), (list(companies),)
-
-
 class DatabaseSource:
     """The store read in one snapshot: the creds, a fingerprint of each company's key rows,
     and the key rows of the companies asked for.
@@ -83,7 +77,7 @@ class DatabaseSource:
         self.conn = conn
         self.store = store
         self.companies = list(companies) if companies else None
-        self._filter = _where_companies(self.companies)
+        self._filter = pgconn.company_filter(self.companies)
         with conn.cursor() as cur:
             cur.execute(pgconn.sql.SQL("SELECT company_id, creds::text FROM {}").format(store.auth) + self._filter[0],
                         self._filter[1])
@@ -146,7 +140,7 @@ class DatabaseSource:
             rest = self.company_ids if self.fingerprinted else sorted(self.creds)
         else:
             rest = sorted(set(company_ids))
-            where, args = _where_companies([c for c in rest if c in self.fingerprints])
+            where, args = pgconn.company_filter([c for c in rest if c in self.fingerprints])
         seen = set()
         if company_ids is None or args[0]:
             query = pgconn.sql.SQL(

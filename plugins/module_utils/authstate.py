@@ -5,15 +5,16 @@
 
 The work lives in five modules ("rooms"); this one holds no code.  It re-exports their
 public names, and the private ones that the tests and benchmarks use, so that callers can
-keep writing ``authstate.X``.  The modules ``auth_export``/``auth_import``, the
-``baileys-resilience`` command-line tool (cli.py) and backup.py call
-:func:`export_from_database` (or :func:`export_states`, for a source such as a backup)
-and :func:`import_auth_state` through it.
+keep writing ``authstate.X``.  The modules ``auth_export``/``auth_import`` and the
+``baileys-resilience`` command-line tool (clijobs.py) call :func:`export_from_database`
+(or :func:`export_states`, for a source such as a backup: backupsource.py yields the same
+``CompanyState`` objects) and :func:`import_auth_state` through it.
 
 =============  =====================================================================================
 authnames      names every room shares: AuthStateError, InvalidCompanyId, check_company_id,
                display_name, DirTemplate, resolve_owner, parse_mode, key file names read back
-               (_parse_key_name), _sha, DIFF_LIMIT, READ_PROCESSES
+               (_parse_key_name), _sha, DIFF_LIMIT, READ_PROCESSES, the export's and the
+               import's defaults (DEFAULT_COMPANY_DIR, DEFAULT_FILE_MODE, ...)
 authsource     reading the store: CompanyState, snapshot_transaction, DatabaseSource (batched,
                prefetched key rows), the fingerprint formula
 authexport     export: ExportOptions, export_from_database, export_states, mirror_company,
@@ -46,6 +47,10 @@ DirTemplate = authnames.DirTemplate
 resolve_owner = authnames.resolve_owner
 parse_mode = authnames.parse_mode
 DIFF_LIMIT = authnames.DIFF_LIMIT
+DEFAULT_COMPANY_DIR = authnames.DEFAULT_COMPANY_DIR
+DEFAULT_FILE_MODE = authnames.DEFAULT_FILE_MODE
+DEFAULT_DIRECTORY_MODE = authnames.DEFAULT_DIRECTORY_MODE
+DEFAULT_BUFFER_ENCODING = authnames.DEFAULT_BUFFER_ENCODING
 READ_PROCESSES = authnames.READ_PROCESSES
 
 # authsource: reading the store

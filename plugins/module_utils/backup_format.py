@@ -5,9 +5,10 @@
 
 A backup is ``<prefix>-<YYYYmmdd>T<HHMMSS>Z.dump`` with ``<name>.manifest.json`` beside it.  Here
 are those names, the manifest format version, the sha256 of a dump, reading a manifest and the
-checks that decide whether a manifest (and its dump) is a valid backup.  backup.py (making,
-verifying, restoring), the S3 rooms (s3replicate.py, s3fetch.py, s3objects.py: replicating,
-fetching) and health.py (reporting) take them from here.
+checks that decide whether a manifest (and its dump) is a valid backup.  The backup rooms
+(backup.py making, backupfiles.py listing and retention, backupcheck.py verifying and restoring),
+the S3 rooms (s3replicate.py, s3fetch.py, s3objects.py: replicating, fetching) and health.py
+(reporting) take them from here.
 
 Standard library only: no Ansible, psycopg or boto3 import, so any of them can import it.
 """

@@ -23,6 +23,8 @@ import decimal
 import json
 import re
 
+from . import errors
+
 __metaclass__ = type
 
 CREDS_FILE = "creds.json"
@@ -48,7 +50,7 @@ _TYPES_LONGEST_FIRST = tuple(sorted(KEY_TYPES, key=len, reverse=True))
 _NEEDS_NORMALISE = re.compile(r'"data"\s*:\s*\[|[{,]\s*"0"\s*:')
 
 
-class CodecError(ValueError):
+class CodecError(errors.BaileysResilienceError, ValueError):
     """A value or a file name that is not part of the Baileys format."""
 
 

@@ -35,11 +35,16 @@ from __future__ import absolute_import, division, print_function
 
 import time
 
-from . import pgconn
+from . import errors, pgconn
 
 __metaclass__ = type
 
 AGE_COLUMNS = ("auto", "updated_at", "expires_at")
+# the defaults of cleanup_keys, which the host tool (clijobs.py) takes from here
+DEFAULT_OLDER_THAN_DAYS = 30
+DEFAULT_AGE_COLUMN = "auto"
+DEFAULT_BATCH_SIZE = 1000
+DEFAULT_MAX_DELETE = 1000
 BUCKETS = ("0-1d", "1-7d", "7-14d", "14-30d", ">30d")
 
 # What a rule does with an old key: keep it; let it go; let it go once the privacy token it holds is
@@ -183,11 +188,7 @@ def pre_key_supply(cur, store, companies=None):
     first = sql.SQL("CASE WHEN jsonb_typeof(a.creds::jsonb->'firstUnuploadedPreKeyId') = 'number' "
                     "THEN (a.creds::jsonb->>'firstUnuploadedPreKeyId')::numeric END")
     key_id = sql.SQL("CASE WHEN k.key_id ~ {} THEN k.key_id::numeric END").format(sql.Literal("^[0-9]{1,15}$"))
-    where = sql.SQL("")
-    args = ()
-    if companies:
-        where = sql.SQL(" WHERE a.company_id = ANY(%s)")
-        args = (list(companies),)
+    where, args = pgconn.company_filter(companies or None, "a")
     cur.execute(
         sql.SQL("SELECT a.company_id, ({first}) IS NOT NULL, count(*) FILTER (WHERE ({id}) < ({first})), "
                 "count(*) FILTER (WHERE ({id}) >= ({first})) FROM {auth} a LEFT JOIN {keys} k "
@@ -200,7 +201,7 @@ def pre_key_supply(cur, store, companies=None):
     return out
 
 
-class CleanupError(RuntimeError):
+class CleanupError(errors.BaileysResilienceError, RuntimeError):
     """A cleanup that must not go on; ``result`` holds what was found."""
 
     def __init__(self, message, result=None):
@@ -296,9 +297,9 @@ def _count_for(rule, counts_by_type):
     return sum(n for key_type, n in counts_by_type.items() if rule_for(key_type) is rule)
 
 
-def cleanup_keys(conn_params, store_params, older_than_days=30, age_column="auto", batch_size=1000, max_delete=1000,
-                 confirm_large_delete=False, companies=None, vacuum=True, check_mode=False, log=None,
-                 lock_timeout_ms=5000):
+def cleanup_keys(conn_params, store_params, older_than_days=DEFAULT_OLDER_THAN_DAYS, age_column=DEFAULT_AGE_COLUMN,
+                 batch_size=DEFAULT_BATCH_SIZE, max_delete=DEFAULT_MAX_DELETE, confirm_large_delete=False,
+                 companies=None, vacuum=True, check_mode=False, log=None, lock_timeout_ms=5000):
     """Delete old keys; return a result dict (see the ``keys_cleanup`` module's RETURN)."""
     started = time.monotonic()
     if age_column not in AGE_COLUMNS:
@@ -336,12 +337,9 @@ def cleanup_keys(conn_params, store_params, older_than_days=30, age_column="auto
         result["age_column_used"] = age_column if (age_column != "auto" or has_expires) else "updated_at"
         age = _age_sql(age_column, older_than_days, has_expires)
         deletable = deletable_sql()
-        scope = sql.SQL("TRUE")
-        scope_args = ()
-        if companies:
-            scope = sql.SQL("k.company_id = ANY(%s)")
-            scope_args = (list(companies),)
-        base = sql.SQL("FROM {keys} k WHERE {scope}").format(keys=store.keys, scope=scope)
+        scope, scope_args = pgconn.company_filter(companies or None, "k", keyword="")
+        base = sql.SQL("FROM {keys} k WHERE {scope}").format(keys=store.keys,
+                                                             scope=scope if scope_args else sql.SQL("TRUE"))
 
         result["sizes_before"] = sizes(cur, store)
         result["age_buckets"] = age_buckets(cur, store)
@@ -425,13 +423,13 @@ def cleanup_keys(conn_params, store_params, older_than_days=30, age_column="auto
             try:
                 cur.execute(sql.SQL("VACUUM (ANALYZE) {}").format(store.keys))
                 result["vacuumed"] = True
-            except pgconn.psycopg.Error as exc:
+            except pgconn.Error as exc:
                 result["vacuumed"] = False
                 result["warnings"].append("VACUUM of %s.%s failed: %s" % (
                     store.schema, store.keys_table, pgconn._scrub(exc, conn_params)))
         result["sizes_after"] = sizes(cur, store)
         result["age_buckets_after"] = age_buckets(cur, store)
-    except pgconn.psycopg.Error as exc:
+    except pgconn.Error as exc:
         raise pgconn.PgError("cleanup failed on %s after deleting %d keys: %s" % (
             pgconn.describe(conn_params), result["deleted"], pgconn._scrub(exc, conn_params)))
     finally:

@@ -29,7 +29,7 @@ import datetime
 import json
 import os
 
-from . import fsutil
+from . import errors, fsutil
 
 __metaclass__ = type
 
@@ -39,7 +39,7 @@ FIELDS = ("mode", "since", "run_id", "source", "companies", "handover_time", "st
 HISTORY = 20
 
 
-class StateError(RuntimeError):
+class StateError(errors.BaileysResilienceError, RuntimeError):
     """The state file cannot be read or written; the message says which and why."""
 
 

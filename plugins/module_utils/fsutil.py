@@ -22,6 +22,8 @@ import errno
 import os
 import stat
 
+from . import errors
+
 __metaclass__ = type
 
 TEMP_PREFIX = ".baileys-resilience-tmp-"
@@ -38,7 +40,7 @@ except OSError:  # pragma: no cover
 _RENAME_NOREPLACE = 1
 
 
-class FsError(OSError):
+class FsError(errors.BaileysResilienceError, OSError):
     pass
 
 

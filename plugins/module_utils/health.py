@@ -14,7 +14,7 @@ unconsumed pre-keys); the live pre-key count (uploaded, not consumed: the server
 relies on); ``updated_at`` age buckets; table and index sizes; probe query latency (p50/p95/p99 of
 ``probes`` primary-key lookups, the query Baileys runs most); and the newest backup read from the
 manifests in ``backup_dir`` (docs/backup-format.md; the names and checks come from backup_format.py,
-this module does not depend on backup.py or the s3*.py modules).
+this module does not depend on the backup*.py or the s3*.py rooms).
 Each check is ``ok``, ``warning`` or ``critical`` against :data:`DEFAULT_THRESHOLDS`; the overall status is
 the worst one, and :data:`EXIT_CODES` maps it to 0/1/2.
 """
@@ -24,13 +24,14 @@ import datetime
 import os
 import time
 
-from . import backup_format, cleanup, pgconn
+from . import backup_format, cleanup, errors, pgconn
 
 __metaclass__ = type
 
 STATUSES = ("ok", "warning", "critical")
 EXIT_CODES = {"ok": 0, "warning": 1, "critical": 2}
 BUCKETS = ("0-1d", "1-7d", "7-14d", "14-30d", ">30d")
+DEFAULT_PROBES = 20  # primary-key lookups for the latency percentiles
 DEFAULT_THRESHOLDS = {
     "latency_p95_warning_ms": 100.0,
     "latency_p95_critical_ms": 1000.0,
@@ -43,7 +44,7 @@ DEFAULT_THRESHOLDS = {
 }
 
 
-class HealthError(ValueError):
+class HealthError(errors.BaileysResilienceError, ValueError):
     pass
 
 
@@ -163,11 +164,8 @@ def _store_stats(conn, store, thresholds, companies=None):
     stale_days = int(thresholds.get("stale_key_days") or 30)
     old = sql.SQL("k.updated_at < now() - make_interval(days => {})").format(sql.Literal(stale_days))
     deletable = cleanup.deletable_sql()
-    where = sql.SQL("")
-    args = ()
-    if companies:
-        where = sql.SQL(" WHERE k.company_id = ANY(%s)")
-        args = (list(companies),)
+    companies = list(companies) if companies else None
+    where, args = pgconn.company_filter(companies, "k")
     cur.execute(
         sql.SQL(
             "SELECT k.company_id, k.key_type, count(*), "
@@ -199,7 +197,7 @@ def _store_stats(conn, store, thresholds, companies=None):
             c["old_live_by_type"][key_type] = n_old_live
         for name, value in zip(BUCKETS, b):
             buckets[name] += value
-    auth_where = sql.SQL(" WHERE company_id = ANY(%s)") if companies else sql.SQL("")
+    auth_where, _args = pgconn.company_filter(companies)
     cur.execute(
         sql.SQL(
             "SELECT company_id, updated_at, CASE WHEN jsonb_typeof(creds->'nextPreKeyId') = 'number' "
@@ -243,7 +241,7 @@ def _store_stats(conn, store, thresholds, companies=None):
     return companies_out, totals, buckets, sizes, has_expires
 
 
-def probe_latency(conn, store, probes=20):
+def probe_latency(conn, store, probes=DEFAULT_PROBES):
     """Milliseconds of ``probes`` primary-key lookups of one existing key (or of an empty lookup)."""
     sql = pgconn.sql
     cur = conn.cursor()
@@ -267,8 +265,8 @@ def probe_latency(conn, store, probes=20):
     }
 
 
-def collect(conn_params, store_params, backup_dir=None, backup_prefix=backup_format.DEFAULT_PREFIX, probes=20,
-            thresholds=None, verify_checksum=False, companies=None, now=None):
+def collect(conn_params, store_params, backup_dir=None, backup_prefix=backup_format.DEFAULT_PREFIX,
+            probes=DEFAULT_PROBES, thresholds=None, verify_checksum=False, companies=None, now=None):
     """Everything above plus ``status`` and ``exit_code``.  Never raises for a database failure:
     an unreachable store is a ``critical`` check."""
     t = thresholds_from(thresholds)
@@ -320,7 +318,7 @@ def collect(conn_params, store_params, backup_dir=None, backup_prefix=backup_for
                                "detail": "%d %s the cleanup may delete (warning above %d; %d old but live keys "
                                          "kept by rule not counted)" % (n, name.replace("_", " "), int(limit),
                                                                          totals["old_live_keys"])})
-    except (pgconn.PgError, pgconn.psycopg.Error) as exc:
+    except (pgconn.PgError, pgconn.Error) as exc:
         checks.append({"name": "database", "status": "critical",
                        "detail": pgconn._scrub(exc, conn_params)})
         out["database"]["error"] = pgconn._scrub(exc, conn_params)

@@ -25,16 +25,18 @@ import re
 import sys
 import time
 
-from . import fsutil
+from . import errors, fsutil
 
 __metaclass__ = type
 
 DEFAULT_LOCK_DIR = "/run/lock"
+LOG_FORMATS = ("json", "logfmt")
+DEFAULT_LOG_FORMAT = LOG_FORMATS[0]
 SECRET_KEY_RE = re.compile(r"(pass(word|wd)?|pwd|secret|token|dsn|api[_-]?key|authorization|credential)", re.I)
 MASK = "********"
 
 
-class LockBusy(RuntimeError):
+class LockBusy(errors.BaileysResilienceError, RuntimeError):
     """Another run of the same job holds the lock."""
 
 
@@ -138,8 +140,8 @@ def _logfmt_value(value):
 class JobLog:
     """One structured line per step on ``stream`` (stderr by default)."""
 
-    def __init__(self, job, stream=None, fmt="json", secrets=()):
-        if fmt not in ("json", "logfmt"):
+    def __init__(self, job, stream=None, fmt=DEFAULT_LOG_FORMAT, secrets=()):
+        if fmt not in LOG_FORMATS:
             raise ValueError("log format must be json or logfmt")
         self.job = job
         self.stream = stream if stream is not None else sys.stderr
@@ -209,24 +211,53 @@ def _label_value(value):
 
 
 def prom_text(metrics):
-    """Exposition text from ``[(name, help, type, [(labels dict, value)])]``."""
+    """Exposition text from ``[(name, help, type, [(labels dict, value)])]``.
+
+    A sample may carry a third element, a suffix of the metric name (``_bucket``, ``_sum``,
+    ``_count``: see :func:`histogram_metric`).
+    """
     lines = []
     for name, help_text, kind, samples in metrics:
         if not _METRIC_NAME.match(name):
             raise ValueError("invalid metric name %r" % name)
-        samples = [(labels, value) for labels, value in samples if value is not None]
+        samples = [sample for sample in samples if sample[1] is not None]
         if not samples:
             continue
         lines.append("# HELP %s %s" % (name, help_text.replace("\n", " ")))
         lines.append("# TYPE %s %s" % (name, kind))
-        for labels, value in samples:
+        for sample in samples:
+            labels, value = sample[0], sample[1]
+            suffix = sample[2] if len(sample) > 2 else ""
             label_text = ""
             if labels:
                 label_text = "{%s}" % ",".join('%s="%s"' % (k, _label_value(v)) for k, v in sorted(labels.items()))
             if isinstance(value, bool):
                 value = int(value)
-            lines.append("%s%s %s" % (name, label_text, repr(float(value)) if isinstance(value, float) else value))
+            lines.append("%s%s%s %s" % (name, suffix, label_text,
+                                        repr(float(value)) if isinstance(value, float) else value))
     return "\n".join(lines) + "\n"
+
+
+def le_label(bound):
+    """The ``le`` label of a histogram bucket bound, as the Prometheus clients write it."""
+    if bound == float("inf"):
+        return "+Inf"
+    return repr(float(bound))
+
+
+def histogram_metric(name, help_text, bounds, bucket_counts, total, count, labels=None):
+    """A histogram for :func:`prom_text`: cumulative ``_bucket{le=...}`` (``bucket_counts[i]`` observations
+    at or below ``bounds[i]``, not cumulative; the ``+Inf`` bucket is ``count``), ``_sum`` and ``_count``."""
+    labels = dict(labels or {})
+    samples = []
+    running = 0
+    for bound, n in zip(bounds, bucket_counts):
+        running += int(n)
+        samples.append((dict(labels, le=le_label(bound)), running, "_bucket"))
+    samples.append((dict(labels, le="+Inf"), int(count), "_bucket"))
+    samples.append((labels, float(total), "_sum"))
+    samples.append((labels, int(count), "_count"))
+    return (name, help_text, "histogram", samples)
 
 
 def write_textfile(directory, name, metrics):

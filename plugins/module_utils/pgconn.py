@@ -15,18 +15,23 @@ from __future__ import absolute_import, division, print_function
 
 import re
 
+from . import errors, pgdriver
+
 __metaclass__ = type
 
-try:
-    import psycopg
-    from psycopg import sql
-    HAS_PSYCOPG = True
-    PSYCOPG_IMPORT_ERROR = None
-except ImportError as exc:  # pragma: no cover - exercised on hosts without it
-    psycopg = None
-    sql = None
-    HAS_PSYCOPG = False
-    PSYCOPG_IMPORT_ERROR = exc
+
+class _NoDriver(errors.BaileysResilienceError):
+    """Stands in for the driver's error classes when no driver is installed (never raised)."""
+
+
+# psycopg 3 or psycopg2, whichever is installed (pgdriver.py): the rest of the core uses ``sql``,
+# ``Error``, ``DataError`` and ``UniqueViolation`` from here and never imports a driver itself.
+DRIVER, DRIVER_IMPORT_ERROR = pgdriver.load()
+HAS_DRIVER = DRIVER is not None
+sql = DRIVER.sql if HAS_DRIVER else None
+Error = DRIVER.Error if HAS_DRIVER else _NoDriver
+DataError = DRIVER.DataError if HAS_DRIVER else _NoDriver
+UniqueViolation = DRIVER.UniqueViolation if HAS_DRIVER else _NoDriver
 
 # Plain data, turned into an Ansible argument_spec by the modules.
 CONNECTION_ARGSPEC = dict(
@@ -60,16 +65,22 @@ _LIBPQ_MAP = (
 )
 
 
-class PgError(RuntimeError):
+class PgError(errors.BaileysResilienceError, RuntimeError):
     """A connection or query failure, with a message fit for an operator."""
 
 
-def require_psycopg():
-    if not HAS_PSYCOPG:
+def require_driver():
+    if not HAS_DRIVER:
         raise PgError(
-            "the Python package 'psycopg' (version 3) is required on the host that runs this: "
-            "install python3-psycopg (Debian/Ubuntu) or 'pip install psycopg[binary]' (%s)" % PSYCOPG_IMPORT_ERROR
+            "a PostgreSQL driver is required on the host that runs this: the Python package 'psycopg' "
+            "(version 3) or 'psycopg2' (Debian/Ubuntu: python3-psycopg or python3-psycopg2; pip: psycopg[binary] "
+            "or psycopg2-binary) (%s)" % DRIVER_IMPORT_ERROR
         )
+
+
+def driver_name():
+    """``psycopg`` or ``psycopg2`` with its version, for reports; ``None`` without a driver."""
+    return "%s %s" % (DRIVER.name, DRIVER.version) if HAS_DRIVER else None
 
 
 def libpq_params(params):
@@ -106,12 +117,12 @@ def _scrub(message, params):
 
 
 def connect(params, autocommit=False):
-    """Open a psycopg connection.  Errors say where, never the password."""
-    require_psycopg()
+    """Open a connection (psycopg 3's API, see pgdriver.py).  Errors say where, never the password."""
+    require_driver()
     kwargs = libpq_params(params)
     try:
-        conn = psycopg.connect(autocommit=autocommit, **kwargs)
-    except psycopg.Error as exc:
+        conn = DRIVER.connect(autocommit=autocommit, **kwargs)
+    except DRIVER.Error as exc:
         raise PgError("cannot connect to PostgreSQL (%s): %s" % (describe(params), _scrub(exc, params)))
     return conn
 
@@ -123,7 +134,7 @@ class Store:
     """Quoted identifiers of the auth state tables."""
 
     def __init__(self, schema="public", auth_table="whatsapp_auth", keys_table="whatsapp_keys"):
-        require_psycopg()
+        require_driver()
         for label, name in (("schema", schema), ("auth_table", auth_table), ("keys_table", keys_table)):
             if not name or len(name) > 63 or "\x00" in name:
                 raise PgError("invalid %s name %r" % (label, name))
@@ -151,6 +162,20 @@ class Store:
                 missing.append("%s.%s" % (self.schema, table))
         if missing:
             raise PgError("auth state table(s) not found: %s (check schema/auth_table/keys_table)" % ", ".join(missing))
+
+
+def company_filter(companies, alias=None, keyword=" WHERE "):
+    """The company filter of a query on the store's tables: ``(SQL, args)`` to format in and pass.
+
+    ``<keyword><alias>.company_id = ANY(%s)`` with ``(list(companies),)``; ``alias`` is the table's
+    alias in the query (none: the bare column).  ``companies`` None: no filter, ``(SQL(""), ())``.
+    An empty list is a filter that matches no company: where an empty list means "all", pass
+    ``companies or None``.
+    """
+    if companies is None:
+        return sql.SQL(""), ()
+    column = sql.SQL("{}.company_id").format(sql.Identifier(alias)) if alias else sql.SQL("company_id")
+    return sql.SQL("{}{} = ANY(%s)").format(sql.SQL(keyword), column), (list(companies),)
 
 
 def server_version_num(conn):

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import tempfile
 
-from . import pgconn
+from . import errors, pgconn
 
 __metaclass__ = type
 
@@ -68,7 +68,7 @@ SECRET_KEYWORDS = ("password", "sslpassword")
 _SCRUBBED_ENV = tuple(sorted(set(LIBPQ_ENV.values()) | {"PGPASSWORD", "PGSERVICEFILE"}))
 
 
-class ToolError(RuntimeError):
+class ToolError(errors.BaileysResilienceError, RuntimeError):
     """A client program is missing, too old, or failed."""
 
 

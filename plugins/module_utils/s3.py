@@ -6,7 +6,7 @@
 The work lives in four modules ("rooms"); this one holds no code.  It re-exports their
 public names, and the private one the tests use, so that callers can keep writing
 ``s3.X``.  The modules ``s3_replicate`` and ``s3_fetch`` and the ``baileys-resilience``
-command-line tool (cli.py) call :func:`replicate`, :func:`fetch` and
+command-line tool (clijobs.py) call :func:`replicate`, :func:`fetch` and
 :func:`failure_message` through it.
 
 ===========  =========================================================================================

@@ -36,6 +36,8 @@ import stat
 import threading
 import time
 
+from . import errors
+
 __metaclass__ = type
 
 try:
@@ -116,7 +118,7 @@ TRANSFER_ARGSPEC = dict(
 )
 
 
-class S3Error(RuntimeError):
+class S3Error(errors.BaileysResilienceError, RuntimeError):
     """A failure an operator can act on; the message says what and where (never a secret)."""
 
 

@@ -30,7 +30,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import backup_format, s3conf, s3objects
+from . import backup_format, errors, s3conf, s3objects
 
 __metaclass__ = type
 
@@ -337,7 +337,7 @@ class _TargetRun:
         self.add("bytes_uploaded", len(b["manifest_bytes"]))
 
 
-class _ObjectFailure(Exception):
+class _ObjectFailure(errors.BaileysResilienceError):
     """One object could not be replicated and verified."""
 
     def __init__(self, key, cause):

@@ -19,12 +19,12 @@ import os
 import re
 import time
 
-from . import fsutil
+from . import errors, fsutil
 
 __metaclass__ = type
 
 
-class ServiceError(RuntimeError):
+class ServiceError(errors.BaileysResilienceError, RuntimeError):
     """The message says what is wrong and where."""
 
 

@@ -36,7 +36,7 @@ description:
     treats as equal (V(1) and V(1.0)) count as unchanged, as in M(baileys.resilience.auth_import).
   - Nothing under O(dest) is touched when the database cannot be reached.
 author:
-  - baileys.resilience contributors
+  - baileys.resilience contributors (!UNKNOWN)
 extends_documentation_fragment:
   - baileys.resilience.postgres
   - baileys.resilience.store

@@ -29,7 +29,7 @@ description:
     with the upsert.
   - Idempotent. Re-importing the same files changes no row and reports C(changed=false).
 author:
-  - baileys.resilience contributors
+  - baileys.resilience contributors (!UNKNOWN)
 extends_documentation_fragment:
   - baileys.resilience.postgres
   - baileys.resilience.store

@@ -25,7 +25,7 @@ description:
     RV(status). An unreachable database is C(critical), not a task failure, unless O(fail_on) says so.
   - Read only. Never reports C(changed).
 author:
-  - baileys.resilience contributors
+  - baileys.resilience contributors (!UNKNOWN)
 extends_documentation_fragment:
   - baileys.resilience.postgres
   - baileys.resilience.store
@@ -35,6 +35,7 @@ attributes:
     description: Reads only, so check mode runs the same queries.
   diff_mode:
     support: none
+    description: Returns no diff.
 options:
   backup_dir:
     description:

@@ -20,7 +20,7 @@ description:
     with other contents, the task fails.
   - The password reaches C(pg_restore) through a temporary passfile, never its command line.
 author:
-  - baileys.resilience contributors
+  - baileys.resilience contributors (!UNKNOWN)
 extends_documentation_fragment:
   - baileys.resilience.postgres
   - baileys.resilience.store
@@ -30,6 +30,7 @@ attributes:
     description: Checks the backup file and whether the database exists; restores nothing.
   diff_mode:
     support: none
+    description: Returns no diff.
 options:
   backup_file:
     description:

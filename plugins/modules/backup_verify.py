@@ -18,12 +18,12 @@ description:
     the connection options point at, compares the row counts of the auth and keys tables with the
     manifest, checks that every company's creds are a JSON object and every key type is one Baileys
     knows, and drops the database again, also when a check fails.
-  - Fails when any check fails. Changes nothing that existed before; RV(changed) is false unless
+  - Fails when any check fails. Changes nothing that existed before; C(changed) is false unless
     O(keep_database) leaves the restored database behind.
   - The password reaches C(pg_restore) through a temporary passfile readable only by the user running
     the module, never through its command line.
 author:
-  - baileys.resilience contributors
+  - baileys.resilience contributors (!UNKNOWN)
 extends_documentation_fragment:
   - baileys.resilience.postgres
   - baileys.resilience.store
@@ -34,6 +34,7 @@ attributes:
       and needs no server.
   diff_mode:
     support: none
+    description: Returns no diff.
 options:
   backup_file:
     description:

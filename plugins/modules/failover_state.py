@@ -22,7 +22,7 @@ description:
   - Written atomically (temporary file, fsync, rename, directory fsync), mode 0600, its directory 0700 when
     created. Nothing is written when nothing changes.
 author:
-  - baileys.resilience contributors
+  - baileys.resilience contributors (!UNKNOWN)
 attributes:
   check_mode:
     support: full

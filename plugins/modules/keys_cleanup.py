@@ -31,7 +31,7 @@ description:
     mode, would delete).
   - Reports the age buckets of all keys and of the candidates, and the table and index size before and after.
 author:
-  - baileys.resilience contributors
+  - baileys.resilience contributors (!UNKNOWN)
 extends_documentation_fragment:
   - baileys.resilience.postgres
   - baileys.resilience.store
@@ -42,6 +42,7 @@ attributes:
       what it keeps and would delete, and deletes nothing.
   diff_mode:
     support: none
+    description: Returns no diff.
 options:
   older_than_days:
     description:

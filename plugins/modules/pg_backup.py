@@ -32,7 +32,7 @@ description:
   - The password reaches C(pg_dump) through a temporary passfile readable only by the user running
     the module, never through its command line.
 author:
-  - baileys.resilience contributors
+  - baileys.resilience contributors (!UNKNOWN)
 extends_documentation_fragment:
   - baileys.resilience.postgres
   - baileys.resilience.store
@@ -43,6 +43,7 @@ attributes:
       backups retention would delete; writes nothing.
   diff_mode:
     support: none
+    description: Returns no diff.
 options:
   backup_dir:
     description:

@@ -28,7 +28,7 @@ description:
     mode 0600; the manifest is then written beside it, atomically. An interrupted run leaves no partial backup.
   - When the chosen backup is already in O(dest_dir) and verifies, nothing is downloaded (C(changed=false)).
 author:
-  - baileys.resilience contributors
+  - baileys.resilience contributors (!UNKNOWN)
 extends_documentation_fragment:
   - baileys.resilience.s3
 attributes:
@@ -38,6 +38,7 @@ attributes:
       the object that would be fetched (its bytes are not hashed, so a corrupted object is only found by a real run).
   diff_mode:
     support: none
+    description: Returns no diff.
 options:
   dest_dir:
     description:

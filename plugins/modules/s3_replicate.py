@@ -31,7 +31,7 @@ description:
     not replicated and verified, and still returns the per-target results. It never reports success while
     an object is missing or unverified.
 author:
-  - baileys.resilience contributors
+  - baileys.resilience contributors (!UNKNOWN)
 extends_documentation_fragment:
   - baileys.resilience.s3
 attributes:
@@ -41,6 +41,7 @@ attributes:
       uploads nothing and reports RV(targets[].would_upload).
   diff_mode:
     support: none
+    description: Returns no diff.
 options:
   backup_dir:
     description:

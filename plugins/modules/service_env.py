@@ -20,7 +20,7 @@ description:
   - Every write is atomic (temporary file, fsync, rename) and keeps the file's owner and mode. The file may hold
     C(PGPASSWORD); its content is never returned or shown, C(--diff) lists only the names of the keys that change.
 author:
-  - baileys.resilience contributors
+  - baileys.resilience contributors (!UNKNOWN)
 attributes:
   check_mode:
     support: full

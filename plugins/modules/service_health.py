@@ -19,13 +19,14 @@ description:
     task fails at once, naming both numbers).
   - Read only; C(changed) is always false.
 author:
-  - baileys.resilience contributors
+  - baileys.resilience contributors (!UNKNOWN)
 attributes:
   check_mode:
     support: full
     description: Polls as usual (nothing is changed either way).
   diff_mode:
     support: none
+    description: Returns no diff.
 options:
   url:
     description: The health URL.
@@ -86,7 +87,7 @@ def main():
             interval=dict(type="float", default=0.25),
             expect_mode=dict(type="str"),
             expect_creds=dict(type="int"),
-            expect_keys=dict(type="int"),
+            expect_keys=dict(type="int", no_log=False),
         ),
         supports_check_mode=True,
     )

@@ -3,34 +3,48 @@
 #   usage: tests/apt-mirror/build.sh OUTDIR        (scripts/molecule-prepare.sh uses .cache/molecule/apt-mirror)
 # Layout (OUTDIR/repo is what gets served over HTTP; OUTDIR/gnupg holds the signing key and is not):
 #   repo/pgdg-test.asc                          public key (ASCII armored) -> pg_client_key
-#   repo/dists/trixie-pgdg/{Release,InRelease,Release.gpg,main/binary-amd64/Packages{,.gz}}
-#   repo/pool/main/*.deb                        postgresql-client-18, libpq5, postgresql-client-common
-#                                               from Debian sid, plus whatever of their dependencies
-#                                               trixie lacks (computed by apt, not hard-coded)
-# The Release file says Origin: apt.postgresql.org like the real PGDG one, so the role's pinning
-# is exercised unchanged. Only trixie-pgdg is published: sid binaries need trixie's libc or newer.
-# Cached: rebuilt only when this script changes (its hash is in OUTDIR/.build-hash) or
-# BAILEYS_FORCE_REBUILD is set. Runs inside the cached trixie image (podman), needs network.
+#   repo/dists/{trixie,bookworm}-pgdg/{Release,InRelease,Release.gpg,main/binary-amd64/Packages{,.gz}}
+#   repo/pool/main/*.deb                        trixie-pgdg: postgresql-client-18, libpq5,
+#                                               postgresql-client-common from Debian sid, plus whatever
+#                                               of their dependencies trixie lacks (computed by apt,
+#                                               not hard-coded)
+#   repo/pool/bookworm-pgdg/main/*.deb          bookworm-pgdg: libpq5 and postgresql-client-18 rebuilt
+#                                               on bookworm from sid's postgresql-18 source, and sid's
+#                                               postgresql-client-common (build-bookworm.sh; sid's
+#                                               binaries need libc6 >= 2.38, bookworm has 2.36)
+#   bookworm-debs/                              build-bookworm.sh's output, cached on its own hash
+# The Release files say Origin: apt.postgresql.org like the real PGDG ones, so the role's pinning
+# is exercised unchanged (Suite/Codename <codename>-pgdg, as the role's pg_client_suite).
+# Cached: rebuilt only when this script, build-bookworm.sh or bookworm-client.rules changes (their
+# hash is in OUTDIR/.build-hash) or BAILEYS_FORCE_REBUILD is set. Runs inside the cached trixie
+# image (podman), needs network. The bookworm compile (minutes) is cached separately in
+# OUTDIR/bookworm-debs/.build-hash: changing this script alone only re-downloads and re-signs.
 set -euo pipefail
 OUT=${1:?usage: $0 OUTDIR}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 IMAGE=${BAILEYS_MIRROR_BUILD_IMAGE:-localhost/baileys-resilience/trixie:latest}
 SUITE=trixie-pgdg
+BOOKWORM_SUITE=bookworm-pgdg
 PACKAGES="postgresql-client-18 libpq5 postgresql-client-common"
-HASH=$( (cat "$0"; echo "$DEBIAN_MIRROR $IMAGE") | sha256sum | cut -c1-16)
+HERE=$(cd "$(dirname "$0")" && pwd)
+HASH=$( (cat "$0" "$HERE/build-bookworm.sh" "$HERE/bookworm-client.rules"; echo "$DEBIAN_MIRROR $IMAGE") \
+    | sha256sum | cut -c1-16)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 if [ -z "${BAILEYS_FORCE_REBUILD:-}" ] && [ -s "$OUT/repo/dists/$SUITE/InRelease" ] \
+    && [ -s "$OUT/repo/dists/$BOOKWORM_SUITE/InRelease" ] \
     && [ "$(cat "$OUT/.build-hash" 2>/dev/null)" = "$HASH" ]; then
     echo "apt-mirror: $OUT/repo is cached" >&2
     exit 0
 fi
 t0=$SECONDS
-echo "apt-mirror: building $OUT/repo ($SUITE: $PACKAGES from sid)" >&2
+DEBIAN_MIRROR=$DEBIAN_MIRROR bash "$HERE/build-bookworm.sh" "$OUT/bookworm-debs"
+echo "apt-mirror: building $OUT/repo ($SUITE: $PACKAGES from sid; $BOOKWORM_SUITE)" >&2
 rm -rf "$OUT/repo.new"
 mkdir -p "$OUT/repo.new" "$OUT/gnupg"
 podman run --rm --network host -v "$OUT:/out:Z" \
     -e "DEBIAN_MIRROR=$DEBIAN_MIRROR" -e "SUITE=$SUITE" -e "PACKAGES=$PACKAGES" \
+    -e "BOOKWORM_SUITE=$BOOKWORM_SUITE" \
     "$IMAGE" bash -euo pipefail -c '
 export DEBIAN_FRONTEND=noninteractive
 echo "Acquire::Check-Valid-Until \"false\";" > /etc/apt/apt.conf.d/90no-valid-until
@@ -57,17 +71,23 @@ if ! gpg --batch --list-secret-keys 2>/dev/null | grep -q sec; then
         "baileys.resilience test PGDG mirror <pgdg-test@example.invalid>" rsa3072 sign never
 fi
 gpg --batch --armor --export > pgdg-test.asc
-apt-ftparchive packages pool > "dists/$SUITE/main/binary-amd64/Packages"
-gzip -9nk "dists/$SUITE/main/binary-amd64/Packages"
-apt-ftparchive \
-  -o APT::FTPArchive::Release::Origin=apt.postgresql.org \
-  -o "APT::FTPArchive::Release::Label=PostgreSQL for Debian/Ubuntu repository" \
-  -o APT::FTPArchive::Release::Suite=$SUITE -o APT::FTPArchive::Release::Codename=$SUITE \
-  -o APT::FTPArchive::Release::Architectures=amd64 -o APT::FTPArchive::Release::Components=main \
-  release "dists/$SUITE" > /tmp/Release
-mv /tmp/Release "dists/$SUITE/Release"
-gpg --batch --yes --clearsign -o "dists/$SUITE/InRelease" "dists/$SUITE/Release"
-gpg --batch --yes -abs -o "dists/$SUITE/Release.gpg" "dists/$SUITE/Release"
+mkdir -p "pool/$BOOKWORM_SUITE/main" "dists/$BOOKWORM_SUITE/main/binary-amd64"
+cp /out/bookworm-debs/*.deb "pool/$BOOKWORM_SUITE/main/"
+echo "apt-mirror: $BOOKWORM_SUITE: $(cd "pool/$BOOKWORM_SUITE/main" && echo *.deb)" >&2
+apt-ftparchive packages pool/main > "dists/$SUITE/main/binary-amd64/Packages"
+apt-ftparchive packages "pool/$BOOKWORM_SUITE" > "dists/$BOOKWORM_SUITE/main/binary-amd64/Packages"
+for SUITE in "$SUITE" "$BOOKWORM_SUITE"; do
+    gzip -9nk "dists/$SUITE/main/binary-amd64/Packages"
+    apt-ftparchive \
+      -o APT::FTPArchive::Release::Origin=apt.postgresql.org \
+      -o "APT::FTPArchive::Release::Label=PostgreSQL for Debian/Ubuntu repository" \
+      -o APT::FTPArchive::Release::Suite=$SUITE -o APT::FTPArchive::Release::Codename=$SUITE \
+      -o APT::FTPArchive::Release::Architectures=amd64 -o APT::FTPArchive::Release::Components=main \
+      release "dists/$SUITE" > /tmp/Release
+    mv /tmp/Release "dists/$SUITE/Release"
+    gpg --batch --yes --clearsign -o "dists/$SUITE/InRelease" "dists/$SUITE/Release"
+    gpg --batch --yes -abs -o "dists/$SUITE/Release.gpg" "dists/$SUITE/Release"
+done
 chmod -R a+rX /out/repo.new
 '
 rm -rf "$OUT/repo.old"

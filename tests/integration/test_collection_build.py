@@ -6,9 +6,8 @@ import os
 import subprocess
 import tarfile
 
-from authgen import generate, load_into
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support import ROOT
+from support.authgen import generate, load_into
 
 
 def test_built_collection_installs_and_runs(ansible_env, db, dbconn, tmp_path):

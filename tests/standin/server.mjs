@@ -13,7 +13,7 @@
 //   POST /keys?company=ID&count=N   writes N new pre-keys through Baileys (file mode) or SQL (postgres mode)
 //
 // Writer (WRITER=on): behaves like a live session and journals every acknowledged write, for a Jepsen-style
-// check (tests/journal_check.py compares the journal with the final store: lost, resurrected, wrong).
+// check (tests/support/journal_check.py compares the journal with the final store: lost, resurrected, wrong).
 //   WRITER_JOURNAL    path of the journal, appended to (required when on); one JSON line per acknowledged op:
 //                     {"seq","t","pid","mode","company","op":"set"|"del","type","id","value"}, fsynced before the
 //                     next op; creds changes are type "creds", id = the creds field, value = its new value

@@ -4,16 +4,14 @@ import json
 import os
 import re
 import shlex
-import sys
 from pathlib import Path
 
+# tests/support (the package `support`) is on PYTHONPATH: .config/molecule/config.yml, verifier.env
+from support import molecule_seed
+from support.molecule_cron import cron_job, run, run_backup_job, run_like_cron  # noqa: F401  (used by the test modules)
+
 PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
-sys.path.insert(0, str(PROJECT / "tests"))
-
-import molecule_seed  # noqa: E402
-from molecule_cron import cron_job, run, run_backup_job, run_like_cron  # noqa: E402,F401  (used by the test modules)
-
-SEED = molecule_seed.expected()
+SEED = molecule_seed.expected("backup")
 # testinfra's ansible backend has no podman support: it would run every check as an ansible ad-hoc
 # command (seconds each); its podman backend is a plain `podman exec` of the platform's container.
 APP = "podman://backup-trixie"

@@ -4,19 +4,14 @@ import json
 import os
 import re
 import shlex
-import sys
 from pathlib import Path
 
+# tests/support (the package `support`) is on PYTHONPATH: .config/molecule/config.yml, verifier.env
+from support import molecule_seed
+from support.molecule_cron import cron_job, run, run_backup_job, run_like_cron  # noqa: F401  (used by the test modules)
+
 PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
-SCENARIO_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(SCENARIO_DIR / "files"))
-
-import seed  # noqa: E402  (files/seed.py: one company, the 1,650-key reference mix)
-
-sys.path.insert(0, str(PROJECT / "tests"))
-from molecule_cron import cron_job, run, run_backup_job, run_like_cron  # noqa: E402,F401  (used by the test modules)
-
-SEED = seed.expected()
+SEED = molecule_seed.expected("s3_replication")  # one company, the 1,650-key reference mix
 # testinfra's podman backend: a plain `podman exec` of the platform's container (fast)
 APP_NAME = "s3-replication-trixie"
 APP = "podman://" + APP_NAME

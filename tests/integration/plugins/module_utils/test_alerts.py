@@ -1,0 +1,171 @@
+"""The tool's alerts with real local receivers: Sentry Crons check-ins and Telegram, live and dead."""
+from __future__ import annotations
+
+import gzip
+import http.server
+import io
+import json
+import os
+import socket
+import threading
+
+import pytest
+import yaml
+
+from ansible_collections.baileys.resilience.plugins.module_utils import cli
+
+from support import authgen, pgserver
+
+
+TOKEN = "987654:BOT-token_with-secret"
+
+
+class Receiver:
+    def __init__(self):
+        self.requests = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                outer.requests.append((self.path, body))
+                reply = b'{"ok": true, "result": {}}'
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def checkins(self):
+        """Check-in payloads of every envelope (item header line, then payload of header['length'] bytes)."""
+        out = []
+        for path, body in self.requests:
+            if path != "/api/1/envelope/":
+                continue
+            _, _, rest = body.partition(b"\n")
+            while rest.strip():
+                header_line, _, rest = rest.partition(b"\n")
+                header = json.loads(header_line)
+                if "length" in header:
+                    payload, rest = rest[: header["length"]], rest[header["length"]:].lstrip(b"\n")
+                else:
+                    payload, _, rest = rest.partition(b"\n")
+                if header.get("type") == "check_in":
+                    out.append(json.loads(payload))
+        return out
+
+    def telegram(self):
+        return [(p, json.loads(b)) for p, b in self.requests if "/sendMessage" in p]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+    import sentry_sdk
+    sentry_sdk.get_client().close(timeout=1)
+
+
+def dead_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alerts_config(port):
+    return {"sentry": {"dsn": "http://public@127.0.0.1:%d/1" % port, "schedules": {"cleanup": "30 4 * * *"},
+                       "flush_timeout": 3},
+            "telegram": {"bot_token": TOKEN, "chat_id": "42", "api_base": "http://127.0.0.1:%d" % port,
+                         "timeout": 3}}
+
+
+def setup(tmp_path, db, dbconn, port):
+    authgen.load_into(dbconn, authgen.generate(1, seed=9, form="base64",
+                                               mix={"pre-key": 10, "session": 10, "app-state-sync-key": 1}))
+    dbconn.execute("UPDATE whatsapp_keys SET updated_at = now() - interval '60 days'")
+    dbconn.commit()
+    cfg = dict(db, lock_dir=str(tmp_path), alerts=alerts_config(port), cleanup={"max_delete": 5})
+    path = tmp_path / "config.yml"
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(cfg, fh)
+    return str(path)
+
+
+def run(args):
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(args, stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_failed_job_alerts_and_keeps_its_exit_code(db, dbconn, tmp_path, receiver):
+    cfg = setup(tmp_path, db, dbconn, receiver.port)
+    code, out, err = run(["--config", cfg, "cleanup"])  # 10 candidates (the sessions; pre-keys are kept) > max_delete 5
+    assert code == cli.EXIT_FAILED
+    checkins = receiver.checkins()
+    assert [c["status"] for c in checkins] == ["in_progress", "error"]
+    assert checkins[0]["monitor_slug"] == "baileys-resilience-cleanup"
+    assert checkins[0]["monitor_config"]["schedule"] == {"type": "crontab", "value": "30 4 * * *"}
+    assert checkins[0]["monitor_config"]["timezone"] == "UTC"
+    (path, body), = receiver.telegram()
+    assert path == "/bot%s/sendMessage" % TOKEN
+    assert body["chat_id"] == "42" and "cleanup FAILED" in body["text"] and "max_delete=5" in body["text"]
+    everything = out + err + "".join(b.decode("utf-8", "replace") for _, b in receiver.requests)
+    assert pgserver.SUPERUSER_PASSWORD not in everything and json.dumps(pgserver.SUPERUSER_PASSWORD) not in everything
+    assert TOKEN not in err + out
+
+
+def test_successful_job_checks_in_ok_quietly(db, dbconn, tmp_path, receiver):
+    cfg = setup(tmp_path, db, dbconn, receiver.port)
+    code, out, err = run(["--config", cfg, "cleanup", "--confirm-large-delete"])
+    assert code == 0, out + err
+    assert [c["status"] for c in receiver.checkins()] == ["in_progress", "ok"]
+    assert receiver.telegram() == []  # notify_success is off
+
+
+def test_dead_receivers_do_not_change_exit_codes(db, dbconn, tmp_path):
+    cfg = setup(tmp_path, db, dbconn, dead_port())
+    code, out, err = run(["--config", cfg, "cleanup"])
+    assert code == cli.EXIT_FAILED  # the job's own failure, not an alert failure
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert any(entry["step"] == "alert_telegram" and entry["status"] == "error" for entry in lines)
+    assert TOKEN not in err
+    code, out, err = run(["--config", cfg, "cleanup", "--confirm-large-delete"])
+    assert code == 0, out + err
+    code, out, err = run(["--config", cfg, "health", "--json"])
+    assert code == 0 and json.loads(out)["status"] == "ok"
+    import sentry_sdk
+    sentry_sdk.get_client().close(timeout=1)
+
+
+def test_health_warning_notifies_per_notify_on(db, dbconn, tmp_path, receiver):
+    setup(tmp_path, db, dbconn, receiver.port)
+    for notify_on, expected in (("warning", 1), ("critical", 0)):
+        del receiver.requests[:]
+        cfg = dict(db, lock_dir=str(tmp_path), alerts=alerts_config(receiver.port),
+                   health={"probes": 2, "notify_on": notify_on, "thresholds": {"latency_p95_warning_ms": 0}})
+        path = tmp_path / ("h-%s.yml" % notify_on)
+        fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            yaml.safe_dump(cfg, fh)
+        code, out, err = run(["--config", str(path), "health"])
+        assert code == 1, out + err
+        # a warning is not a failed run: the monitor gets ok
+        assert [c["status"] for c in receiver.checkins()] == ["in_progress", "ok"]
+        messages = receiver.telegram()
+        assert len(messages) == expected
+        if expected:
+            assert "health needs attention" in messages[0][1]["text"] and "latency" in messages[0][1]["text"]
