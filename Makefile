@@ -13,7 +13,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PATH := $(VENV)/bin:$(PATH)
 S ?=
 
-.PHONY: test deps venv system-deps npm-deps collection lint pytest unit integration compat molecule \
+.PHONY: test deps venv system-deps npm-deps collection lint pytest pytest-psycopg2 unit integration compat molecule \
         molecule-prepare demo bench build clean
 
 test: deps lint pytest molecule
@@ -43,12 +43,35 @@ tests/standin/node_modules/.installed: tests/standin/package.json tests/standin/
 	cd tests/standin && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 	touch $@
 
-lint: venv collection
+lint: venv collection sanity
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ansible-lint --offline
 
+# ansible-test sanity, locally (no containers), on the venv's Python. ansible-test keeps each tool (pylint,
+# pycodestyle, yamllint, validate-modules...) in its own venv under ~/.ansible/test/venv, at the versions the
+# pinned ansible-core ships; it builds them from PyPI on the first run (bootstrapping pip with
+# tests/sanity/get_pip.py, as its own get-pip download host is out of reach) and runs offline from then on.
+# It tests the git-tracked files (and untracked ones not in .gitignore); exceptions: tests/sanity/ignore-*.txt.
+.PHONY: sanity
+SANITY_PY = $(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+SANITY_GET_PIP = $(HOME)/.ansible/test/cache/get_pip_$(shell $(PY) -c 'import types; \
+	from ansible_test._internal.python_requirements import get_venv_packages as g; \
+	print(g(types.SimpleNamespace(version="$(SANITY_PY)")).get("pip", "").replace(".", "_"))').py
+sanity: venv collection
+	test -s $(SANITY_GET_PIP) || install -D -m 0644 tests/sanity/get_pip.py $(SANITY_GET_PIP)
+	cd $(COLL_LINK) && ANSIBLE_TEST_CONTENT_ROOT=$(CURDIR)/$(COLL_LINK) \
+	  $(VENV)/bin/ansible-test sanity --python $(SANITY_PY) --color no
+
+# The core's integration tests (export, import, backup, cleanup, health and the driver seam) run a second
+# time under psycopg2 (pgdriver.py picks the driver from BAILEYS_RESILIENCE_PG_DRIVER): the design's driver.
+PSYCOPG2_TESTS := $(addprefix tests/integration/plugins/module_utils/,test_pgdriver.py test_authstate.py \
+  test_authguards.py test_authsource.py test_backup.py test_cleanup.py test_health.py)
 pytest: deps
 	$(PY) -m pytest tests/unit tests/integration
+	BAILEYS_RESILIENCE_PG_DRIVER=psycopg2 $(PY) -m pytest $(PSYCOPG2_TESTS)
+
+pytest-psycopg2: deps
+	BAILEYS_RESILIENCE_PG_DRIVER=psycopg2 $(PY) -m pytest $(PSYCOPG2_TESTS)
 
 unit: venv collection
 	$(PY) -m pytest tests/unit

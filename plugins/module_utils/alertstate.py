@@ -40,7 +40,8 @@ from . import errors, fsutil
 __metaclass__ = type
 
 DEFAULT_STATE_DIR = "/var/lib/baileys-resilience"
-DEFAULT_STATE_FILE = os.path.join(DEFAULT_STATE_DIR, "alert-state.json")
+DEFAULT_STATE_FILE_NAME = "alert-state.json"
+DEFAULT_STATE_FILE = os.path.join(DEFAULT_STATE_DIR, DEFAULT_STATE_FILE_NAME)
 STATE_VERSION = 1
 LEVELS = ("ok", "warning", "critical")
 _LEVEL_ALIASES = {"error": "critical", "fatal": "critical", "warn": "warning", "resolved": "ok", "info": "ok"}
@@ -208,7 +209,7 @@ class Decision:
 
     def __repr__(self):
         return "Decision(%s %s %s send=%s count=%d)" % ("/".join(self.key), self.level, self.kind, self.send,
-                                                         self.count)
+                                                        self.count)
 
 
 class Transaction:
@@ -348,8 +349,8 @@ class AlertState:
                     raise
             if time.monotonic() >= deadline:
                 os.close(fd)
-                raise StateUnavailable("alert state lock %s held for more than %.0f s" % (self.lock_path,
-                                                                                       self.lock_timeout))
+                raise StateUnavailable("alert state lock %s held for more than %.0f s"
+                                       % (self.lock_path, self.lock_timeout))
             time.sleep(0.02)
 
     def _set_aside(self, reason, now):

@@ -334,9 +334,9 @@ def mirror_company(dest_fd, state, opts, snapshot, publisher):
             result["diff"] = {
                 "before_header": result["directory"],
                 "after_header": result["directory"],
-                "before": "".join("%s\n" % n for n in sorted([n for n, _ in to_write if n in existing]
+                "before": "".join("%s\n" % n for n in sorted([n for n, _data in to_write if n in existing]
                                                              + to_remove)[:authnames.DIFF_LIMIT]),
-                "after": "".join("%s\n" % n for n, _ in sorted(to_write)[:authnames.DIFF_LIMIT]),
+                "after": "".join("%s\n" % n for n, _data in sorted(to_write)[:authnames.DIFF_LIMIT]),
             }
         return result
     finally:
@@ -555,8 +555,9 @@ class _Publisher:
                         fsutil.rename_noreplace(staging, final, self.dest_fd)
                     except OSError as exc:
                         if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                            raise authnames.AuthStateError("%s appeared while it was being exported (another export?); "
-                                                 "nothing in it was touched, run again" % directory)
+                            raise authnames.AuthStateError(
+                                "%s appeared while it was being exported (another export?); "
+                                "nothing in it was touched, run again" % directory)
                         raise
                     done += 1
                 os.fsync(self.dest_fd)

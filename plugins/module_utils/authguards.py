@@ -106,7 +106,7 @@ def _check_guards(cur, store, company_ids, guards, prune):
                 "(SELECT 'creds', '', updated_at FROM {auth} WHERE company_id = %s AND updated_at > %s) UNION ALL "
                 "(SELECT key_type, key_id, updated_at FROM {keys} WHERE company_id = %s AND updated_at > %s "
                 "ORDER BY updated_at DESC LIMIT {n})").format(auth=store.auth, keys=store.keys,
-                                                             n=sql.Literal(GUARD_LIST)),
+                                                              n=sql.Literal(GUARD_LIST)),
                 (cid, guards.handover_time, cid, guards.handover_time))
             rows = ["%s/%s (updated %s)" % (t, i, u.isoformat() if u else "?") for t, i, u in cur.fetchall()]
         entry["written_since_handover"] = rows
@@ -147,7 +147,7 @@ def _check_guards(cur, store, company_ids, guards, prune):
             "ELSE 'replaced' END FROM {keys} k LEFT JOIN {temp} t USING (company_id, key_type, key_id) "
             "WHERE k.company_id = ANY(%s) AND (t.company_id IS NULL OR t.value IS DISTINCT FROM k.value) "
             "ORDER BY k.updated_at DESC LIMIT {n}").format(keys=store.keys, temp=temp,
-                                                            n=sql.Literal(GUARD_LIST * 5)), (rest,))
+                                                           n=sql.Literal(GUARD_LIST * 5)), (rest,))
         for cid, key_type, key_id, what in cur.fetchall():
             report["replaced"].setdefault(cid, []).append("%s %s/%s" % (what, key_type, key_id))
     if problems:

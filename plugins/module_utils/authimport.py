@@ -127,7 +127,7 @@ def read_directory(company_id, directory, encoding="base64", problems=None):
         except ValueError as exc:
             problems.append("%s: bad JSON: %s" % (path, exc))
             continue
-        if key is None and type(value) is not dict:
+        if key is None and not isinstance(value, dict):
             problems.append("%s: creds must be a JSON object" % path)
             continue
         if "\x00" in text:
@@ -200,7 +200,7 @@ class _CompanyData:
 def _from_state(state):
     cid = _copy_field(state.company_id.encode("utf-8"))
     rows = [b"\t".join((cid, _copy_field(t.encode("utf-8")), _copy_field(i.encode("utf-8")),
-                         _copy_field(v.encode("utf-8")))) for t, i, v in state.keys]
+                        _copy_field(v.encode("utf-8")))) for t, i, v in state.keys]
     rows.append(b"")
     return _CompanyData(state.company_id, len(state.keys), state.creds, b"\n".join(rows) if state.keys else b"")
 
@@ -305,7 +305,7 @@ def _read_directory_fast(company_id, directory, encoding):
             # both legacy Buffer forms need a '[' or a '"0"': the regex runs only then
             if needs_all or ((b"[" in raw or b'"0"' in raw) and legacy(raw) is not None):
                 value = codec.loads_strict(raw.decode("utf-8"))
-                if key is None and type(value) is not dict:
+                if key is None and not isinstance(value, dict):
                     raise _NeedsStrictRead()
                 normalised, converted = codec.normalise(value, encoding)
                 if converted:
@@ -607,8 +607,8 @@ def import_auth_state(conn_params, store_params, src, company_id=None, companies
             reader.close()
         conn.close()
     companies_out = [per[d.company_id] for d in done]
-    totals = {k: sum(c[k] for c in companies_out) for k in ("files", "keys", "inserted", "updated", "unchanged",
-                                                          "deleted")}
+    totals = {k: sum(c[k] for c in companies_out)
+              for k in ("files", "keys", "inserted", "updated", "unchanged", "deleted")}
     totals["companies"] = len(companies_out)
     totals["creds_changed"] = sum(1 for c in companies_out if c["creds"] in ("inserted", "updated"))
     totals["skipped"] = sum(1 for c in companies_out if c["skipped"])

@@ -139,7 +139,7 @@ def _dump(conn, conn_params, store, bin_dir, compress, path):
                 argv = pgtools.pg_dump_argv(bin_dir, client, compress, snapshot_id)
                 try:
                     proc = subprocess.run(argv, stdout=fd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                          env=client.env)
+                                          env=client.env, check=False)
                 except OSError as exc:
                     raise BackupError("cannot run %s: %s" % (argv[0], exc))
                 err = client.scrub(proc.stderr.decode("utf-8", "replace").strip())

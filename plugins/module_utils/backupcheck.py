@@ -227,7 +227,7 @@ def verify_backup(backup_path, conn_params, store_params=None, pg_bin_dir=None, 
         with pgtools.ClientConnection(conn_params, dbname=name) as client:
             argv = pgtools.pg_restore_argv(bin_dir, backup_path, client)
             try:
-                proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, env=client.env)
+                proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, env=client.env, check=False)
             except OSError as exc:
                 raise BackupError("cannot run %s: %s" % (argv[0], exc))
             err = client.scrub(proc.stderr.decode("utf-8", "replace").strip())
@@ -249,8 +249,8 @@ def verify_backup(backup_path, conn_params, store_params=None, pg_bin_dir=None, 
         result.update(counts=counts, companies=companies, by_type=by_type)
         for label in ("auth", "keys"):
             if counts[label] != expected.get(label):
-                problems.insert(0, "%s rows: %s restored, manifest says %s" % (label, counts[label],
-                                                                                expected.get(label)))
+                problems.insert(0, "%s rows: %s restored, manifest says %s"
+                                % (label, counts[label], expected.get(label)))
         if manifest.get("companies") is not None and companies != manifest.get("companies"):
             problems.append("companies: %s restored, manifest says %s" % (companies, manifest.get("companies")))
         if problems:

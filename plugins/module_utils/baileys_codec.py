@@ -112,9 +112,9 @@ def _byte_values(items):
 
 def _as_buffer_bytes(value):
     """The bytes of a legacy Buffer form, or None when ``value`` is not one."""
-    if type(value) is not dict:
+    if not isinstance(value, dict):
         return None
-    if value.get("type") == "Buffer" and len(value) == 2 and type(value.get("data")) is list:
+    if value.get("type") == "Buffer" and len(value) == 2 and isinstance(value.get("data"), list):
         return _byte_values(value["data"])
     if "0" in value:
         # numeric-keyed: exactly the keys "0" .. "n-1" (the dict has n keys and all of them are there)
@@ -142,7 +142,7 @@ def normalise(value, encoding="base64"):
     converted = [0]
 
     def walk(v):
-        if type(v) is dict:
+        if isinstance(v, dict):
             raw = _as_buffer_bytes(v)
             if raw is not None:
                 converted[0] += 1
@@ -155,7 +155,7 @@ def normalise(value, encoding="base64"):
                 converted[0] += 1
                 return buffer_json(raw, encoding)
             return {k: walk(x) for k, x in v.items()}
-        if type(v) is list:
+        if isinstance(v, list):
             return [walk(x) for x in v]
         return v
 

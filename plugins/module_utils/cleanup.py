@@ -251,7 +251,7 @@ def age_buckets(cur, store, where=None, args=()):
         query += sql.SQL(" WHERE ") + where
     cur.execute(query + sql.SQL(" GROUP BY b"), args)
     out = dict.fromkeys(BUCKETS, 0)
-    out.update({b: n for b, n in cur.fetchall()})
+    out.update(cur.fetchall())
     return out
 
 

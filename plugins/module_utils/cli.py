@@ -34,7 +34,7 @@ import argparse
 import os
 import sys
 
-from . import authnames, cleanup, cliconfig, clijobs, jobs
+from . import authnames, cleanup, cliconfig, clijobs, jobs, probe
 
 __metaclass__ = type
 
@@ -136,6 +136,15 @@ def build_parser():
     p.add_argument("--verify-checksum", action="store_true", default=None,
                    help="also check the sha256 of the newest backup")
 
+    p = sub.add_parser("probe", parents=[common],
+                       help="probe the store (connect + one read); exit 0 up, 1 slow, 2 down; alerts once per "
+                            "cooldown through the alert state")
+    p.add_argument("--loop", action="store_true", help="probe every --interval seconds (--count times)")
+    p.add_argument("--interval", type=float, metavar="SECONDS",
+                   help="seconds between probes with --loop (default: config probe.interval, else %g)"
+                   % probe.DEFAULT_INTERVAL)
+    p.add_argument("--count", type=int, metavar="N", help="with --loop, stop after N probes")
+
     p = sub.add_parser("export", parents=[common], help="mirror the store into useMultiFileAuthState directories")
     p.add_argument("--dest", metavar="DIR", help="root directory (default: config export.dest)")
     p.add_argument("--company", action="append", dest="companies", metavar="ID", help="only this company (repeat)")
@@ -177,6 +186,8 @@ def main(argv=None, stdout=None, stderr=None):
             return EXIT_USAGE
         if args.command == "health" and args.watch:
             return watch_health(ctx)
+        if args.command == "probe":
+            return clijobs.probe_command(ctx)
         return run_job(ctx, args.command, JOBS[args.command])
     finally:
         os.umask(old_umask)

@@ -33,12 +33,14 @@ SECTIONS = {
     "export": {"dest": str, "company_dir": str, "prune": bool, "owner": (str, int), "group": (str, int),
                "mode": (str, int), "directory_mode": (str, int), "companies": list},
     "import": {"src": str, "company_dir": str, "prune": bool, "buffer_encoding": str, "companies": list},
-    "alerts": {"sentry": dict, "telegram": dict},
+    "alerts": {"sentry": dict, "telegram": dict, "state_file": str, "cooldowns": dict},
+    "probe": {"interval": (int, float), "slow_seconds": (int, float), "connect_timeout": int,
+              "statement_timeout": (int, float)},
     "s3": {"targets": list, "name_prefix": str, "after_backup": bool, "settings": dict, "verify_download": bool,
            "verify_existing": bool, "fetch_dir": str},
 }
 TOP_LEVEL = {"backup_dir": str, "pg_bin_dir": str, "textfile_dir": str, "lock_dir": str, "log_format": str,
-             "hostname": str}
+             "hostname": str, "state_dir": str}
 
 
 class ConfigError(errors.BaileysResilienceError, ValueError):

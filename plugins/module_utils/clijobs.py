@@ -19,7 +19,7 @@ import socket
 import time
 
 from . import alerts as alerts_mod
-from . import authstate, backup_format, cleanup, health, jobs, pgconn
+from . import alertstate, authstate, backup_format, cleanup, health, jobs, pgconn, probe
 from . import cliconfig
 
 __metaclass__ = type
@@ -58,6 +58,8 @@ class Context:
         self.lock_dir = getattr(args, "lock_dir", None) or config.get("lock_dir") or jobs.DEFAULT_LOCK_DIR
         self.json = bool(getattr(args, "json", False))
         self.host = config.get("hostname") or socket.gethostname()
+        # what must survive a restart (alert state, probe histogram): on disk, 0700
+        self.state_dir = config.get("state_dir") or alertstate.DEFAULT_STATE_DIR
 
     def section(self, name):
         return self.config.get(name) or {}
@@ -116,10 +118,20 @@ class Outcome:
         self.metrics = metrics or []
 
 
+def make_alerts(ctx, log, alerting=True):
+    """The job's alerts; with a channel configured, every decision goes through the alert state on disk
+    (``alerts.state_file``, default ``<state_dir>/alert-state.json``; ``state_file: ""`` turns it off)."""
+    config = ctx.config.get("alerts") if alerting else None
+    channels = bool(config) and bool((config.get("sentry") or {}).get("dsn") or
+                                     (config.get("telegram") or {}).get("bot_token"))
+    default = os.path.join(ctx.state_dir, alertstate.DEFAULT_STATE_FILE_NAME) if channels else None
+    return alerts_mod.Alerts(config, log=log, secrets=ctx.secrets, default_state_file=default)
+
+
 def run_job(ctx, job, func, lock=True, alerting=True):
     """Lock, log, alert and report around ``func(ctx, log) -> Outcome``; returns the exit code."""
     log = jobs.JobLog(job, stream=ctx.stderr, fmt=ctx.log_format, secrets=ctx.secrets)
-    alerts = alerts_mod.Alerts(ctx.config.get("alerts") if alerting else None, log=log, secrets=ctx.secrets)
+    alerts = make_alerts(ctx, log, alerting)
     started = time.monotonic()
     job_lock = jobs.JobLock(job, ctx.lock_dir)
     if lock:
@@ -128,7 +140,8 @@ def run_job(ctx, job, func, lock=True, alerting=True):
         except jobs.LockBusy as exc:
             log.emit("lock", "busy", error=str(exc), exit_code=EXIT_LOCKED)
             ctx.stderr.write("%s: %s\n" % (PROG, exc))
-            alerts.telegram("\u26a0\ufe0f baileys-resilience %s on %s did not start: %s" % (job, ctx.host, exc))
+            alerts.telegram("\u26a0\ufe0f baileys-resilience %s on %s did not start: %s" % (job, ctx.host, exc),
+                            alert_key=(job, "lock_busy", ""), level="warning")
             alerts.flush()
             return EXIT_LOCKED
         log.emit("lock", "ok", path=job_lock.path)
@@ -153,7 +166,10 @@ def run_job(ctx, job, func, lock=True, alerting=True):
         if alerting:
             alerts.job_finished(job, outcome.checkin_ok, outcome.summary, exc=error, host=ctx.host,
                                 warn=outcome.notify and outcome.checkin_ok,
-                                context={"host": ctx.host, "exit_code": outcome.exit_code})
+                                context={"host": ctx.host, "exit_code": outcome.exit_code},
+                                checks=(outcome.result or {}).get("checks") if job == "health" and error is None
+                                else None,
+                                notify_on=ctx.section("health").get("notify_on") or cliconfig.NOTIFY_ON[0])
         log.emit("finish", "ok" if outcome.exit_code == EXIT_OK else "error", time.monotonic() - started,
                  exit_code=outcome.exit_code, alert_failures=len(alerts.delivery_failures) or None)
     finally:
@@ -424,6 +440,36 @@ def job_import(ctx, log):
         "would import" if args.check else "imported", t["companies"], src, t["inserted"], t["updated"],
         t["unchanged"], t["deleted"], t["creds_changed"])
     return Outcome(result, summary)
+
+
+def probe_command(ctx):
+    """``baileys-resilience probe [--loop]``: the store probe (probe.py), not a job: no lock, no check-in,
+    no job metrics (its own textfile), alerts through the alert state only.  Exit 0 up, 1 slow, 2 down."""
+    log = jobs.JobLog("probe", stream=ctx.stderr, fmt=ctx.log_format, secrets=ctx.secrets)
+    section = ctx.section("probe")
+    config = dict(ctx.config.get("alerts") or {})
+    alerts = alerts_mod.Alerts(config, log=log, secrets=ctx.secrets,
+                               default_state_file=os.path.join(ctx.state_dir, alertstate.DEFAULT_STATE_FILE_NAME))
+    kwargs = dict(conn_params=ctx.conn_params, store_params=ctx.store_params,
+                  textfile_dir=ctx.config.get("textfile_dir") or None, state_dir=ctx.state_dir, alerts=alerts,
+                  slow_seconds=section.get("slow_seconds", probe.DEFAULT_SLOW_SECONDS),
+                  connect_timeout=section.get("connect_timeout", probe.DEFAULT_CONNECT_TIMEOUT),
+                  statement_timeout=section.get("statement_timeout", probe.DEFAULT_STATEMENT_TIMEOUT),
+                  host=ctx.host, log=log)
+    args = ctx.args
+    try:
+        if getattr(args, "loop", False):
+            interval = args.interval or section.get("interval") or probe.DEFAULT_INTERVAL
+            result = probe.probe_loop(interval=interval, count=args.count, **kwargs)
+        else:
+            result = probe.run_probe(**kwargs)
+    finally:
+        alerts.flush()
+    if ctx.json:
+        ctx.stdout.write(json.dumps(jobs.scrub(result, ctx.secrets), indent=2, sort_keys=True, default=str) + "\n")
+    else:
+        ctx.stdout.write(jobs.scrub_text(probe.render_text(result), ctx.secrets))
+    return probe.exit_code(result)
 
 
 JOBS = {

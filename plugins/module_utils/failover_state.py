@@ -121,7 +121,7 @@ def update(path, changes, check_mode=False, now=None, legacy_files_marker=None):
         changes = dict(changes, companies=handover_entries(changes["companies"]))
     before = read(path, legacy_files_marker)
     after = json.loads(json.dumps(before))
-    after.update({k: v for k, v in changes.items()})
+    after.update(changes)
     if changes.get("mode") and changes["mode"] != before["mode"]:
         at = now or utcnow()
         if "since" not in changes:

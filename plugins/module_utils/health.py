@@ -249,7 +249,7 @@ def probe_latency(conn, store, probes=DEFAULT_PROBES):
     sample = cur.fetchone() or ("", "pre-key", "")
     query = sql.SQL("SELECT value FROM {} WHERE company_id = %s AND key_type = %s AND key_id = %s").format(store.keys)
     timings = []
-    for _ in range(max(1, int(probes))):
+    for _probe in range(max(1, int(probes))):
         t0 = time.perf_counter()
         cur.execute(query, sample, prepare=True)
         cur.fetchall()
@@ -316,8 +316,8 @@ def collect(conn_params, store_params, backup_dir=None, backup_prefix=backup_for
                 # only keys the retention rules let go; old but live keys (unconsumed pre-keys...) never alert
                 checks.append({"name": name, "status": "warning" if n > int(limit) else "ok",
                                "detail": "%d %s the cleanup may delete (warning above %d; %d old but live keys "
-                                         "kept by rule not counted)" % (n, name.replace("_", " "), int(limit),
-                                                                         totals["old_live_keys"])})
+                                         "kept by rule not counted)"
+                                         % (n, name.replace("_", " "), int(limit), totals["old_live_keys"])})
     except (pgconn.PgError, pgconn.Error) as exc:
         checks.append({"name": "database", "status": "critical",
                        "detail": pgconn._scrub(exc, conn_params)})
@@ -364,8 +364,8 @@ def prom_metrics(h):
                   "gauge", [({"table": v["table"]}, v["total_bytes"]) for v in h["table_sizes"].values()]))
     if h.get("latency_ms"):
         m.append(("baileys_resilience_probe_latency_seconds", "Probe query latency quantiles.", "gauge",
-                  [({"quantile": q}, h["latency_ms"][k] / 1000.0) for q, k in (("0.5", "p50"), ("0.95", "p95"),
-                                                                                ("0.99", "p99"))]))
+                  [({"quantile": q}, h["latency_ms"][k] / 1000.0)
+                   for q, k in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))]))
     b = h.get("backup")
     if b:
         m.append(("baileys_resilience_backup_age_seconds", "Age of the newest valid backup.", "gauge",

@@ -50,7 +50,7 @@ CONNECTION_ARGSPEC = dict(
 STORE_ARGSPEC = dict(
     schema=dict(type="str", default="public"),
     auth_table=dict(type="str", default="whatsapp_auth"),
-    keys_table=dict(type="str", default="whatsapp_keys"),
+    keys_table=dict(type="str", default="whatsapp_keys", no_log=False),
 )
 
 _LIBPQ_MAP = (

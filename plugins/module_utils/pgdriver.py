@@ -135,7 +135,7 @@ class Psycopg2Connection:
         return bool(self.raw.closed)
 
     def cursor(self, name=None):
-        return Psycopg2Cursor(self.raw.cursor(name) if name else self.raw.cursor())
+        return Psycopg2NamedCursor(self.raw, name) if name else Psycopg2Cursor(self.raw.cursor())
 
     def execute(self, query, params=None):
         cur = self.cursor()
@@ -202,7 +202,7 @@ class Psycopg2Cursor:
     def __init__(self, raw):
         self.raw = raw
 
-    def execute(self, query, params=None):
+    def execute(self, query, params=None, prepare=None):  # noqa: ARG002 - psycopg2 has no prepared statements
         self.raw.execute(query, params)
         return self
 
@@ -241,6 +241,64 @@ class Psycopg2Cursor:
 
     def copy(self, statement):
         return _CopyIn(self.raw, statement)
+
+
+class Psycopg2NamedCursor(Psycopg2Cursor):
+    """A server-side cursor as psycopg 3 makes one: ``DECLARE`` / ``FETCH`` / ``CLOSE`` on the wire.
+
+    psycopg2's own named cursors refuse to run on an autocommit connection even inside a transaction
+    opened with an explicit ``BEGIN`` (which the export's snapshot uses); psycopg 3's work there.
+    """
+
+    def __init__(self, raw_conn, name):
+        from psycopg2 import sql
+
+        super().__init__(raw_conn.cursor())
+        self._sql = sql
+        self.name = sql.Identifier(name)
+        self.declared = False
+
+    def execute(self, query, params=None, prepare=None):  # noqa: ARG002
+        sql = self._sql
+        body = query if isinstance(query, sql.Composable) else sql.SQL(query)
+        self.raw.execute(sql.SQL("DECLARE {} NO SCROLL CURSOR FOR ").format(self.name) + body, params)
+        self.declared = True
+        return self
+
+    def _fetch(self, how):
+        self.raw.execute(self._sql.SQL("FETCH %s FROM {}" % how).format(self.name))
+        return self.raw.fetchall()
+
+    def fetchone(self):
+        rows = self._fetch("NEXT")
+        return rows[0] if rows else None
+
+    def fetchmany(self, size=None):
+        return self._fetch("FORWARD %d" % int(size or 1))
+
+    def fetchall(self):
+        return self._fetch("ALL")
+
+    def __iter__(self):
+        while True:
+            rows = self.fetchmany(1000)
+            if not rows:
+                return
+            yield from rows
+
+    def close(self):
+        try:
+            if self.declared and not self.raw.connection.closed:
+                import psycopg2.extensions as ext
+
+                if self.raw.connection.get_transaction_status() == ext.TRANSACTION_STATUS_INTRANS:
+                    self.raw.execute(self._sql.SQL("CLOSE {}").format(self.name))
+        finally:
+            self.declared = False
+            self.raw.close()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
 
 
 _ESCAPES = {ord("\\"): "\\\\", ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}

@@ -119,7 +119,7 @@ def client_version(bin_dir, tool="pg_dump"):
     path = tool_path(bin_dir, tool)
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60,
-                             env=_base_env(), stdin=subprocess.DEVNULL)
+                             env=_base_env(), stdin=subprocess.DEVNULL, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ToolError("cannot run %s --version: %s" % (path, exc))
     if out.returncode != 0:
@@ -392,7 +392,7 @@ def count_table_rows(bin_dir, dump_path, table, schema):
     count = None
     with restore_stream(bin_dir, dump_path, table, schema, "count rows of") as out:
         for _name, _columns, rows in iter_copy_blocks(out):
-            count = (count or 0) + sum(1 for _ in rows)
+            count = (count or 0) + sum(1 for _row in rows)
     return count
 
 
@@ -400,7 +400,8 @@ def list_archive(bin_dir, dump_path):
     """``pg_restore --list`` output; raises when pg_restore cannot read the archive."""
     argv = pg_restore_argv(bin_dir, dump_path, list_only=True)
     try:
-        out = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, env=_base_env(), timeout=3600)
+        out = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, env=_base_env(), timeout=3600,
+                             check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ToolError("cannot run pg_restore --list: %s" % exc)
     if out.returncode != 0:

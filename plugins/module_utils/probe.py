@@ -67,6 +67,11 @@ def _probe_params(conn_params, connect_timeout, statement_timeout):
     return params
 
 
+def _secs(value):
+    """Seconds for a message, ``%.3f``; a timing the probe did not measure (None) as ``?``."""
+    return "?" if value is None else "%.3f" % value
+
+
 def probe_store(conn_params, store_params, connect_timeout=DEFAULT_CONNECT_TIMEOUT,
                 statement_timeout=DEFAULT_STATEMENT_TIMEOUT, timer=time.perf_counter):
     """One probe: ``{"up", "duration", "connect_seconds", "query_seconds", "error"}``.  Never raises."""
@@ -268,12 +273,12 @@ def run_probe(conn_params, store_params, textfile_dir, state_dir, alerts, clock=
         context = {"target": result["target"], "duration": result["duration"]}
         if result["up"]:
             decisions = [
-                alerts.alert("probe", "store_unreachable", "ok", "the store answers again (probe %.3f s)"
-                             % result["duration"], host=host, context=context),
+                alerts.alert("probe", "store_unreachable", "ok", "the store answers again (probe %s s)"
+                             % _secs(result["duration"]), host=host, context=context),
                 alerts.alert("probe", "store_slow", "warning" if result["slow"] else "ok",
-                             "store probe took %.3f s (warning at %.3f s; connect %.3f s, query %.3f s)" % (
-                                 result["duration"], float(slow_seconds), result["connect_seconds"],
-                                 result["query_seconds"]), host=host, context=context),
+                             "store probe took %s s (warning at %.3f s; connect %s s, query %s s)" % (
+                                 _secs(result["duration"]), float(slow_seconds), _secs(result["connect_seconds"]),
+                                 _secs(result["query_seconds"])), host=host, context=context),
             ]
         else:
             # store_slow is left as it is: while the store is down its speed is unknown
@@ -330,8 +335,8 @@ def exit_code(result):
 
 def render_text(result):
     if result["up"]:
-        return "store up: %.3f s (connect %.3f s, query %.3f s)%s\n" % (
-            result["duration"], result["connect_seconds"], result["query_seconds"],
+        return "store up: %s s (connect %s s, query %s s)%s\n" % (
+            _secs(result["duration"]), _secs(result["connect_seconds"]), _secs(result["query_seconds"]),
             " SLOW (warning at %.3f s)" % result["slow_seconds"] if result["slow"] else "")
     return "store DOWN: %s\n" % result["error"]
 

@@ -44,10 +44,12 @@ try:
     import boto3
     import botocore.loaders
     import botocore.session
+    # pylint: disable-next=unused-import  # re-exported: s3replicate uses s3conf.TransferConfig
     from boto3.s3.transfer import TransferConfig  # noqa: F401 - s3replicate's multipart uploads
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError
     from botocore.exceptions import ConnectionError as BotoConnectionError
+    # pylint: disable-next=unused-import  # re-exported: s3replicate uses s3conf.TransferManager
     from s3transfer.manager import TransferManager  # noqa: F401 - s3replicate's multipart uploads
 
     HAS_BOTO3 = True
@@ -163,7 +165,7 @@ def parse_size(value):
 def describe_target(target):
     where = target["endpoint_url"] or "AWS"
     return "%s (s3://%s/%s at %s%s)" % (target["name"], target["bucket"], target["prefix"], where,
-                                       ", region %s" % target["region"] if target["region"] else "")
+                                        ", region %s" % target["region"] if target["region"] else "")
 
 
 def error_text(exc):

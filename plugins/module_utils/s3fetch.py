@@ -253,7 +253,7 @@ def fetch(dest_dir, targets, settings=None, name_prefix=backup_format.DEFAULT_PR
         return result
     result["seconds"] = round(time.monotonic() - started, 3)
     summary = "; ".join("%s %s: %s%s" % (e["target"], e["key"] or "(listing)", e["outcome"],
-                                          " (%s)" % e["error"] if e["error"] else "") for e in tried)
+                                         " (%s)" % e["error"] if e["error"] else "") for e in tried)
     raise s3conf.FetchError("no backup%s could be fetched and verified from any target: %s" % (
         " %s" % backup_name if backup_name else "", summary or "no backups found under the targets' prefixes"),
         result)

@@ -347,7 +347,7 @@ class _ObjectFailure(errors.BaileysResilienceError):
         else:
             self.cause = cause
             self.text = str(cause) if isinstance(cause, s3conf.S3Error) else s3conf.error_text(cause)
-        Exception.__init__(self, "%s: %s" % (key, self.text))
+        errors.BaileysResilienceError.__init__(self, "%s: %s" % (key, self.text))
 
 
 def replicate(backup_dir, targets, settings=None, name_prefix=backup_format.DEFAULT_PREFIX,

@@ -64,6 +64,11 @@ def manifests(root):
     return out
 
 
+def _strip_mtime(files):
+    """The per-file entries of a manifest without their mtime_ns."""
+    return {k: {f: v for f, v in r.items() if f != "mtime_ns"} for k, r in files.items()}
+
+
 def test_export_from_backup_is_identical_to_export_from_database(db, dbconn, tmp_path, monkeypatch):
     load_into(dbconn, generate(2, seed=3, form="mixed", mix=MIX))
     load_odd(dbconn)
@@ -107,8 +112,7 @@ def test_export_from_backup_is_identical_to_export_from_database(db, dbconn, tmp
         assert mbk[company]["source"] == "backup:%s" % name
         assert mbk[company]["snapshot_time"] == "2026-05-01T03:00:00Z"
         assert mbk[company]["counts"] == mdb[company]["counts"]
-        strip = lambda files: {k: {f: v for f, v in r.items() if f != "mtime_ns"} for k, r in files.items()}  # noqa: E731
-        assert strip(mbk[company]["files"]) == strip(mdb[company]["files"])
+        assert _strip_mtime(mbk[company]["files"]) == _strip_mtime(mdb[company]["files"])
 
     # a subset of companies
     _snap, states = backup.read_backup_states(made["backup"], {}, companies=[ODD, "creds-only"])

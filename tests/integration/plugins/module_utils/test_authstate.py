@@ -47,7 +47,7 @@ def tree(path):
 
 def buffers(value):
     """Every Buffer in value as bytes, whatever its form, in document order of the normalised value."""
-    normalised, _ = codec.normalise(value)
+    normalised, _converted = codec.normalise(value)
     found = []
 
     def walk(v):
@@ -721,7 +721,7 @@ def test_noop_export_reads_no_key_row_and_reports_as_a_full_comparison(db, dbcon
     reads = _spy_reads(monkeypatch)
     first = export(db, tmp_path, prune=prune)
     assert first["changed"] and reads == [sorted(["company-001", "company-002", "company-003", "company-004",
-                                                   "no-creds"])]
+                                                  "no-creds"])]
     (tmp_path / "company-003" / "notes.txt").write_text("operator notes")  # reported as ignored
     if not prune:
         (tmp_path / "company-004" / "pre-key-99999.json").write_text("{}")  # not in the store, kept

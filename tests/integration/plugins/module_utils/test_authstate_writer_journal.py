@@ -134,7 +134,7 @@ def assert_clean(summary, min_ops=50):
 
 def checker_cli(*args, env=None):
     proc = subprocess.run([sys.executable, CHECKER, *args], capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, **(env or {})))
+                          env=dict(os.environ, **(env or {})), check=False)
     return proc.returncode, proc.stdout, proc.stderr
 
 

@@ -232,7 +232,7 @@ def test_retention_with_simulated_dates(loaded, tmp_path):
     assert res["manifest"]["kind"] == "daily"
     kept = [b["created_at"][:10] for b in backup.list_backups(bdir) if b["valid"]]
     assert kept == ["2026-03-%02d" % d for d in range(15, 8, -1)] + ["2026-03-01", "2026-02-01", "2026-01-01",
-                                                                      "2025-12-20"]
+                                                                     "2025-12-20"]
     assert len(res["deleted"]) == 85 + 1 - 11
     assert sorted(res["kept"]) == sorted(b["name"] for b in backup.list_backups(bdir) if b["valid"])
     assert os.path.exists(orphan) and os.path.basename(orphan) in [i["name"] for i in res["invalid"]]

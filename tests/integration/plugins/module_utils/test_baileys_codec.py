@@ -27,12 +27,13 @@ pytestmark = pytest.mark.compat
 
 def _buffer_bytes(value):
     """Bytes of a Buffer in any stored form, or None -- decoded here, independently of the codec."""
-    if type(value) is not dict or not value:
+    if not isinstance(value, dict) or not value:
         return None
     if set(value) == {"type", "data"} and value["type"] == "Buffer":
         if isinstance(value["data"], str):
             return base64.b64decode(value["data"], validate=True)
         return bytes(value["data"])
+    # pylint: disable-next=unidiomatic-typecheck  # exactly int: a bool (an int subclass) is not a Buffer byte
     if set(value) == {str(i) for i in range(len(value))} and all(type(v) is int for v in value.values()):
         return bytes(value[str(i)] for i in range(len(value)))
     return None
@@ -43,9 +44,9 @@ def baileys_view(value):
     raw = _buffer_bytes(value)
     if raw is not None:
         return {"$hex": raw.hex()}
-    if type(value) is dict:
+    if isinstance(value, dict):
         return {k: baileys_view(v) for k, v in value.items()}
-    if type(value) is list:
+    if isinstance(value, list):
         return [baileys_view(v) for v in value]
     return value
 
@@ -71,10 +72,10 @@ def forms_used(value, found=None):
     raw = _buffer_bytes(value)
     if raw is not None:
         found.add("numeric" if "type" not in value else "base64" if isinstance(value["data"], str) else "array")
-    elif type(value) is dict:
+    elif isinstance(value, dict):
         for v in value.values():
             forms_used(v, found)
-    elif type(value) is list:
+    elif isinstance(value, list):
         for v in value:
             forms_used(v, found)
     return found

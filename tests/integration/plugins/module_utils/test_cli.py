@@ -40,7 +40,7 @@ def run_host(host_pkg, args, timeout=120):
     for var in ("PGPASSWORD", "PGPASSFILE", "PGHOST", "PGUSER"):
         env.pop(var, None)
     proc = subprocess.run([sys.executable, "-m", "baileys_resilience.cli"] + args, capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd="/")
+                          env=env, timeout=timeout, cwd="/", check=False)
     return proc
 
 
@@ -231,7 +231,7 @@ def test_cleanup_threshold_and_flags(db, loaded, dbconn, tmp_path, lock_dir):
     assert 'baileys_resilience_job_last_success_timestamp_seconds{job="cleanup"}' in prom
     assert os.stat(tmp_path / "baileys_resilience_cleanup.prom").st_mode & 0o777 == 0o644
     # a failed run keeps the last success time
-    code, _, _ = run_inproc(["--config", cfg, "cleanup", "--older-than-days", "1", "--age-column", "nope"])
+    code, _out, _err = run_inproc(["--config", cfg, "cleanup", "--older-than-days", "1", "--age-column", "nope"])
     assert code == cli.EXIT_USAGE  # argparse rejects the choice before anything runs
     bad = write_config(tmp_path / "bad.yml", dict(db, login_port=1), lock_dir=lock_dir, textfile_dir=str(tmp_path))
     code, out, err = run_inproc(["--config", bad, "cleanup"])

@@ -81,7 +81,7 @@ def test_probe_up_writes_metrics_and_accumulates_a_histogram(db, tmp_path):
     textfiles, state = tmp_path / "textfile", tmp_path / "state"
     textfiles.mkdir()
     clock = Clock()
-    for _ in range(3):
+    for _run in range(3):
         result = probe.run_probe(db, STORE, str(textfiles), str(state), None, clock=clock)
         assert result["up"] and result["error"] is None, result
         assert 0 < result["query_seconds"] <= result["duration"] < 5
@@ -126,7 +126,7 @@ def test_down_store_alerts_once_then_at_cooldown_then_resolved(db, tmp_path, rec
 
     first = run(db)
     assert first["up"] and receiver.texts == []  # up and fast: nothing to say
-    results = [run(down) for _ in range(24)]  # six minutes down, a probe every 15 s
+    results = [run(down) for _probe in range(24)]  # six minutes down, a probe every 15 s
     assert not any(r["up"] for r in results)
     assert all("cannot connect" in r["error"] and db["login_password"] not in r["error"] for r in results)
     # at once, then once when the 5-minute cooldown is over
@@ -141,7 +141,7 @@ def test_down_store_alerts_once_then_at_cooldown_then_resolved(db, tmp_path, rec
     assert s['baileys_resilience_probe_duration_seconds_count{target="store"}'] == 1  # failures are not observed
     assert s['baileys_resilience_probe_last_success_timestamp_seconds{target="store"}'] == T0
     # back up: exactly one "resolved"
-    for _ in range(4):
+    for _probe in range(4):
         assert run(db)["up"]
     assert len(receiver.texts) == 3, receiver.texts
     assert "store_unreachable resolved after 6m" in receiver.texts[2] and "25 occurrences" not in receiver.texts[2]
@@ -150,14 +150,14 @@ def test_down_store_alerts_once_then_at_cooldown_then_resolved(db, tmp_path, rec
     assert s['baileys_resilience_probe_up{target="store"}'] == 1
     assert s['baileys_resilience_probe_duration_seconds_count{target="store"}'] == 5
     assert json.loads((state / probe.ALERT_STATE_FILE).read_text())["alerts"] == {}
-    assert TOKEN not in json.dumps([r for r in results])
+    assert TOKEN not in json.dumps(results)
 
 
 def test_slow_store_warns_once(db, tmp_path, receiver):
     clock = Clock()
     cfg = {"telegram": {"bot_token": TOKEN, "chat_id": "7", "api_base": receiver.url, "timeout": 3},
            "state_file": str(tmp_path / "shared-alert-state.json")}
-    for _ in range(5):
+    for _run in range(5):
         a = alerts.Alerts(cfg, clock=clock)
         result = probe.run_probe(db, STORE, None, str(tmp_path / "state"), a, clock=clock, slow_seconds=0)
         assert result["up"] and result["slow"] and probe.exit_code(result) == 1

@@ -27,7 +27,8 @@ def run_module(env, args, tmp_path, check=False):
            "ansible_python_interpreter=%s/python" % env["PATH"].split(os.pathsep)[0], str(play)]
     if check:
         cmd.append("--check")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, ANSIBLE_STDOUT_CALLBACK="json"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, ANSIBLE_STDOUT_CALLBACK="json"),
+                          check=False)
     out = json.loads(proc.stdout[proc.stdout.index("{"):])
     return out["plays"][0]["tasks"][0]["hosts"]["localhost"], proc
 

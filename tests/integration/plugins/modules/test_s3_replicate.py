@@ -94,6 +94,7 @@ def run_playbook(env, tmp_path, extra_vars, *args):
         capture_output=True, text=True, cwd=ROOT,
         env=dict(env, ANSIBLE_STDOUT_CALLBACK="json", AWS_EC2_METADATA_DISABLED="true",
                  AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none")),
+        check=False,
     )
     out = json.loads(proc.stdout[proc.stdout.index("{"):])
     tasks = {t["task"]["name"]: t["hosts"]["localhost"] for t in out["plays"][0]["tasks"]}

@@ -74,16 +74,16 @@ def decode_body(request):
 def envelope_items(request):
     """[(item header, payload dict)] of one Sentry envelope."""
     data = decode_body(request)
-    _, _, rest = data.partition(b"\n")
+    _envelope_header, _sep, rest = data.partition(b"\n")
     items = []
     while rest.strip():
-        header_line, _, rest = rest.partition(b"\n")
+        header_line, _sep, rest = rest.partition(b"\n")
         header = json.loads(header_line)
         if "length" in header:
             payload, rest = rest[: header["length"]], rest[header["length"]:]
             rest = rest[1:] if rest.startswith(b"\n") else rest
         else:
-            payload, _, rest = rest.partition(b"\n")
+            payload, _sep, rest = rest.partition(b"\n")
         items.append((header, json.loads(payload) if payload.strip() else None))
     return items
 

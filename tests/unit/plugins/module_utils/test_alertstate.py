@@ -48,7 +48,7 @@ def test_defaults_and_fingerprint(state_path, clock):
     assert s.cooldown(key("latency")) == 300 and s.cooldown(key("failure", job="backup")) == 300
     assert s.cooldown(key("store_unreachable", job="probe")) == 300
     assert alertstate.fingerprint(("health", "stale_keys", "c1")) == ["baileys-resilience", "health", "stale_keys",
-                                                                       "c1"]
+                                                                      "c1"]
     assert alertstate.fingerprint(alertstate.make_key("backup")) == ["baileys-resilience", "backup", "failure", ""]
     custom = alertstate.AlertState(state_path, clock=clock, cooldowns={"latency": "10m", "health.creds": 90,
                                                                        "default": "1h"})
@@ -77,10 +77,10 @@ def test_repeated_warning_for_an_hour_sends_one_message_per_cooldown(state_path,
         if last is None or t - last >= cooldown:
             expected.append(t)
             last = t
-    assert [t for t, _ in sent] == expected
+    assert [t for t, _kind in sent] == expected
     assert len(sent) == len(expected) == {(1800, 300): 3, (300, 60): 13, (300, 300): 13, (300, 7): 12}[
         (cooldown, every)]
-    assert sent[0][1] == "new" and {k for _, k in sent[1:]} == {"repeat"}
+    assert sent[0][1] == "new" and {k for _elapsed, k in sent[1:]} == {"repeat"}
     entry, = s.entries().values()
     assert entry["count"] == HOUR // every + 1 and entry["level"] == "warning"
     assert entry["first_seen"] == T0 and entry["last_message"] == "still bad"
@@ -182,7 +182,7 @@ def test_unusable_state_fails_open(tmp_path, clock):
     blocker.write_text("x")
     warned = []
     s = alertstate.AlertState(str(blocker / "alert-state.json"), clock=clock, warn=warned.append)
-    for _ in range(3):  # no state: every problem is sent, as without a state file
+    for _run in range(3):  # no state: every problem is sent, as without a state file
         d = s.decide(key("latency"), "critical")
         assert d.send and d.degraded
     assert not s.decide(key("latency"), "ok").send
@@ -233,13 +233,13 @@ def test_racing_processes_send_one_message(state_path):
         procs = [ctx.Process(target=_race, args=(state_path, barrier, results, i)) for i in range(n)]
         for p in procs:
             p.start()
-        got = [results.get(timeout=30) for _ in range(n)]
+        got = [results.get(timeout=30) for _proc in range(n)]
         for p in procs:
             p.join(30)
             assert p.exitcode == 0
-        assert sum(1 for _, send, _, _ in got if send) == 1, got
-        assert sorted(kind for _, _, kind, _ in got) == ["new"] + ["suppressed"] * (n - 1)
-        assert not any(degraded for *_, degraded in got)
+        assert sum(1 for _index, send, _kind, _degraded in got if send) == 1, got
+        assert sorted(kind for _index, _send, kind, _degraded in got) == ["new"] + ["suppressed"] * (n - 1)
+        assert not any(degraded for _index, _send, _kind, degraded in got)
         entry, = alertstate.AlertState(state_path, clock=lambda: T0).entries().values()
         assert entry["count"] == n
 
@@ -307,7 +307,7 @@ def test_alerts_config_keys(tmp_path):
 
 def test_health_runs_in_a_row_send_one_message_then_resolved(tmp_path, receiver, clock):
     cfg = tg(receiver, state_file=str(tmp_path / "alert-state.json"))
-    for _ in range(12):  # an hour of 5-minute health runs with the same warning
+    for _run in range(12):  # an hour of 5-minute health runs with the same warning
         a = alerts.Alerts(cfg, clock=clock)
         a.job_finished("health", True, "health WARNING", host="db1", warn=True, checks=health_checks())
         clock.advance(300)
@@ -332,7 +332,7 @@ def test_health_runs_in_a_row_send_one_message_then_resolved(tmp_path, receiver,
     assert "[CRITICAL] latency: probe p95 critical (still critical" in receiver.texts[3]
     clock.advance(300)
     # everything clears: one message with both "resolved" lines, then silence
-    for _ in range(3):
+    for _run in range(3):
         alerts.Alerts(cfg, clock=clock).job_finished("health", True, "health OK", host="db1",
                                                      checks=health_checks(stale_c1=False))
         clock.advance(300)
@@ -350,7 +350,7 @@ def test_notify_on_critical_keeps_warnings_quiet(tmp_path, receiver, clock):
     assert len(receiver.texts) == 1
     # below notify_on now: still failing, so neither a message nor a "resolved"
     clock.advance(3600)
-    for _ in range(2):
+    for _run in range(2):
         alerts.Alerts(cfg, clock=clock).job_finished("health", True, "w", warn=False, checks=health_checks(),
                                                      notify_on="critical")
     assert len(receiver.texts) == 1
@@ -360,7 +360,7 @@ def test_notify_on_critical_keeps_warnings_quiet(tmp_path, receiver, clock):
 
 def test_failing_job_alerts_once_per_cooldown_then_recovers(tmp_path, receiver, clock):
     cfg = tg(receiver, state_file=str(tmp_path / "alert-state.json"))
-    for _ in range(6):  # a cleanup failing every minute
+    for _run in range(6):  # a cleanup failing every minute
         a = alerts.Alerts(cfg, clock=clock)
         a.job_started("cleanup")
         a.job_finished("cleanup", False, "refusing to delete 5000 keys", host="db1")

@@ -28,9 +28,9 @@ def baileys_fix_file_name(name):
 
 def as_numbers(value):
     """Compare numbers as jsonb does (by value): 1e16, 1.0e16 and 10000000000000000 are one number."""
-    if type(value) is dict:
+    if isinstance(value, dict):
         return {k: as_numbers(v) for k, v in value.items()}
-    if type(value) is list:
+    if isinstance(value, list):
         return [as_numbers(v) for v in value]
     if type(value) in (int, float):
         return Decimal(repr(value))
@@ -145,7 +145,7 @@ VALUES = st.recursive(
 @SETTINGS
 @given(VALUES, st.sampled_from(["base64", "array"]))
 def test_normalise_is_idempotent(value, encoding):
-    once, _ = codec.normalise(value, encoding)
+    once, _converted = codec.normalise(value, encoding)
     twice, converted = codec.normalise(once, encoding)
     assert twice == once
     if encoding == "base64":
@@ -172,9 +172,9 @@ def test_bytes_preserved_through_every_form(data, form, encoding):
 def test_bytes_preserved_through_json_text(data, form):
     assume(data or form != "numeric")
     source = json.dumps({"v": FORMS[form](data)}, separators=(",", ":"))
-    text, _ = codec.file_text(source)
+    text, _conversions = codec.file_text(source)
     assert base64.b64decode(json.loads(text)["v"]["data"]) == data
-    text_array, _ = codec.file_text(source, "array")
+    text_array, _conversions = codec.file_text(source, "array")
     assert bytes(json.loads(text_array)["v"]["data"]) == data
 
 

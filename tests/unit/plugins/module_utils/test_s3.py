@@ -75,7 +75,7 @@ def test_retry_loop_does_not_retry_permanent_errors():
 
 def test_jitter_is_random_within_bounds():
     policy = s3.RetryPolicy(base_delay=0.5, max_delay=20.0)
-    delays = [policy.delay(3) for _ in range(200)]
+    delays = [policy.delay(3) for _draw in range(200)]
     assert all(0 <= d <= 2.0 for d in delays) and len(set(delays)) > 150
 
 
