@@ -69,7 +69,7 @@ class Demo:
         proc = subprocess.run([os.path.join(VENV_BIN, "ansible-playbook"), "-i",
                                os.path.join(ROOT, "inventories", "demo", "hosts.yml"),
                                os.path.join(ROOT, "playbooks", name), "-e", "@" + varfile, *args],
-                              capture_output=True, text=True, env=env, cwd=ROOT)
+                              capture_output=True, text=True, env=env, cwd=ROOT, check=False)
         elapsed = time.monotonic() - started
         try:
             out = json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -101,7 +101,7 @@ class Demo:
 
     def pm2(self, *args):
         env = dict(os.environ, PM2_HOME=self.pm2_home)
-        return subprocess.run([PM2, *args], capture_output=True, text=True, env=env)
+        return subprocess.run([PM2, *args], capture_output=True, text=True, env=env, check=False)
 
     def store_counts(self, db="whatsapp"):
         conn = pgconn.connect(self.server.params(db))
@@ -199,8 +199,8 @@ class Demo:
                                                                 baileys_sessions_dir=files_b))
         a, b = checksums(files_a), checksums(files_b)
         same = a == b and len(a) == self.n_keys + 1
-        self.step("re-export of the 2nd database", secs, "%d files, sha256 %s" % (len(b), "match" if same
-                                                                                 else "DIFFER"), same)
+        self.step("re-export of the 2nd database", secs,
+                  "%d files, sha256 %s" % (len(b), "match" if same else "DIFFER"), same)
 
     def provision(self):
         p = self.server.params("whatsapp")
@@ -242,7 +242,7 @@ class Demo:
         self.write_private(self.env_file, "\n".join(env_lines) + "\n")
         env = dict(os.environ, PM2_HOME=self.pm2_home, ENV_FILE=self.env_file)
         proc = subprocess.run([PM2, "start", STANDIN, "--name", "whatsapp", "--time"], capture_output=True,
-                              text=True, env=env)
+                              text=True, env=env, check=False)
         if proc.returncode != 0:
             raise SystemExit("demo: pm2 start failed: %s" % proc.stderr[-2000:])
         h = self.health(mode="postgres")
@@ -254,7 +254,7 @@ class Demo:
             line = next(x for x in fh if "baileys-resilience backup" in x and not x.startswith("#"))
         command = line.split(None, 6)[6].strip()  # m h dom mon dow user command
         t = time.monotonic()
-        proc = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True)
+        proc = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, check=False)
         manifests = sorted(glob.glob(os.path.join(self.v["pg_backup_dir"], "*.manifest.json")))
         ok = proc.returncode == 0 and len(manifests) == 1
         detail = "no backup"
@@ -267,10 +267,11 @@ class Demo:
         self.step("backup as the cron line runs it", time.monotonic() - t, detail, ok)
         objects = self.s3_objects()
         name = os.path.basename(manifests[-1])[: -len(".manifest.json")] if manifests else "?"
-        replicated = all(any(k.endswith("/" + name) for k in keys) and any(k.endswith("/" + name + ".manifest.json")
-                                                                          for k in keys) for keys in objects.values())
-        self.step("  ... replicated to S3 (chained)", 0.0, ", ".join("%s: %d objects" % (n, len(k))
-                                                                    for n, k in objects.items()), replicated)
+        replicated = all(any(k.endswith("/" + name) for k in keys)
+                         and any(k.endswith("/" + name + ".manifest.json") for k in keys)
+                         for keys in objects.values())
+        self.step("  ... replicated to S3 (chained)", 0.0,
+                  ", ".join("%s: %d objects" % (n, len(k)) for n, k in objects.items()), replicated)
 
     def rollback(self):
         self.server.stop("immediate")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 # tests/support (the package `support`) is on PYTHONPATH: .config/molecule/config.yml, verifier.env
 from support import molecule_seed
+# pylint: disable-next=unused-import  # re-exported: the test modules import them from here
 from support.molecule_cron import cron_job, run, run_backup_job, run_like_cron  # noqa: F401  (used by the test modules)
 
 PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
@@ -26,6 +27,7 @@ BIN18 = "/usr/lib/postgresql/18/bin"
 BIN17 = "/usr/lib/postgresql/17/bin"
 BACKUP_CRON = "/etc/cron.d/baileys-resilience-backup"
 CLEANUP_CRON = "/etc/cron.d/baileys-resilience-cleanup"
+HEALTH_CRON = "/etc/cron.d/baileys-resilience-health"  # the cli role owns the health job
 PREFIX = "baileys-auth"
 DUMP_RE = re.compile(r"^%s-(\d{8}T\d{6}Z)\.dump$" % re.escape(PREFIX))
 

@@ -3,8 +3,8 @@
 import hashlib
 
 import yaml
-from scenario import (APP, BACKUP_CRON, BACKUP_DIR, BIN18, CLEANUP_CRON, CONFIG_DIR, LOG_DIR, PG_HOST, PROJECT, TOOL,
-                      cron_job, run)
+from scenario import (APP, BACKUP_CRON, BACKUP_DIR, BIN18, CLEANUP_CRON, CONFIG_DIR, HEALTH_CRON, LOG_DIR, PG_HOST,
+                      PROJECT, TOOL, cron_job, run)
 
 testinfra_hosts = [APP]
 
@@ -28,7 +28,13 @@ def test_cleanup_cron_file(host):
     _env, schedule, user, command = cron_job(host, CLEANUP_CRON, "baileys-resilience cleanup")
     assert (schedule, user) == ("30 4 * * *", "root")
     assert command == "%s cleanup >> %s/cleanup.log 2>&1" % (TOOL, LOG_DIR)
-    _env, schedule, user, command = cron_job(host, CLEANUP_CRON, "baileys-resilience health")
+    assert "baileys-resilience health" not in f.content_string  # moved to the cli role's own file
+
+
+def test_health_cron_file(host):
+    f = host.file(HEALTH_CRON)
+    assert f.exists and f.user == "root" and f.mode & 0o022 == 0
+    _env, schedule, user, command = cron_job(host, HEALTH_CRON, "baileys-resilience health")
     assert (schedule, user) == ("*/5 * * * *", "root")
     assert command == "%s health >> %s/health.log 2>&1" % (TOOL, LOG_DIR)
 

@@ -79,7 +79,7 @@ def _fabricated(real_stamp):
     day = real_stamp.replace(hour=3, minute=0, second=0)
     when = {day - datetime.timedelta(days=i) for i in range(1, 13)}
     first = day.replace(day=1)
-    for _ in range(6):
+    for _month in range(6):
         first = (first - datetime.timedelta(days=1)).replace(day=1)
         when.update({first, first.replace(day=15)})
     return sorted(when)

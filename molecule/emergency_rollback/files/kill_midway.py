@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Start a failover playbook and SIGKILL its whole process tree in the middle of the handover.
 
     kill_midway.py PLAYBOOK CONTAINER STATE_FILE MODE [DELAY]

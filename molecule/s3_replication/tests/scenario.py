@@ -8,6 +8,7 @@ from pathlib import Path
 
 # tests/support (the package `support`) is on PYTHONPATH: .config/molecule/config.yml, verifier.env
 from support import molecule_seed
+# pylint: disable-next=unused-import  # re-exported: the test modules import them from here
 from support.molecule_cron import cron_job, run, run_backup_job, run_like_cron  # noqa: F401  (used by the test modules)
 
 PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))

@@ -23,7 +23,7 @@ def _dr_restore():
     started = time.monotonic()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(PROJECT),
                           env=dict(os.environ, ANSIBLE_FORCE_COLOR="false", ANSIBLE_STDOUT_CALLBACK="default",
-                                   ANSIBLE_CALLBACK_RESULT_FORMAT="yaml"))
+                                   ANSIBLE_CALLBACK_RESULT_FORMAT="yaml"), check=False)
     print("$ %s\n%s\n(%.1fs)" % (" ".join(cmd[:4]), proc.stdout, time.monotonic() - started))
     return proc
 
