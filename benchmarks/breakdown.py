@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Where import time goes: file reading vs database work, ours and naive.
 
 Run after ``benchmarks/run.py --keep`` (it reuses benchmarks/.data):
@@ -83,6 +82,7 @@ def main():
     pg = PgServer(os.path.join(run.DATA, "pg")).start()
     admin = pgconn.connect(pg.params(), autocommit=True)
     best = {}
+    datas = states = rows = creds = None  # set by the read runs below, each repeat (every label runs every time)
     try:
         for i in range(args.repeat):
             for label, fn in (("read only (ours)", lambda: read_fast(src)),

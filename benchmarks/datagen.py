@@ -12,7 +12,7 @@ This subclass keeps authgen's value shapes and key ids and changes only:
 """
 from __future__ import annotations
 
-import _paths  # noqa: F401 - sets sys.path for the imports below
+import _paths  # noqa: F401 - sets sys.path for the imports below  # pylint: disable=unused-import
 
 from support import authgen  # noqa: E402
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Export/import benchmarks against baselines measured in the same run (``make bench``).
 
 Starts a throwaway PostgreSQL under benchmarks/.data, loads N companies x K
@@ -456,8 +455,8 @@ def report(results, rows, args, info, cache_dropped, elapsed):
              "import no-op")
     for label in order:
         v = results[label]
-        print("%-16s %9.2f %9.2f %11.0f   %s" % (label, v["best"], v["cpu"], rows / v["best"],
-                                              " ".join("%.2f" % x for x in v["runs"])))
+        runs = " ".join("%.2f" % x for x in v["runs"])
+        print("%-16s %9.2f %9.2f %11.0f   %s" % (label, v["best"], v["cpu"], rows / v["best"], runs))
     print()
     checks = [
         ("cold export vs raw limit", r["export cold"] / r["raw limit"], "x", "<= 1.50x",

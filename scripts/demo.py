@@ -208,7 +208,11 @@ class Demo:
         self.v = {
             "cli_install_dir": os.path.join(DEMO, "opt"), "cli_bin": os.path.join(DEMO, "bin", "baileys-resilience"),
             "cli_config_dir": os.path.join(DEMO, "etc"), "cli_log_dir": os.path.join(DEMO, "log"),
-            "cli_python": sys.executable, "cli_manage_packages": False,
+            # the demo's command runs on this venv's Python (it has every library): no virtual environment of its
+            # own, no package index; the probe on cron (a cron file under .demo/, as the other jobs), state under .demo/
+            "cli_runtime": "system", "cli_python": sys.executable, "cli_manage_packages": False,
+            "cli_state_dir": os.path.join(DEMO, "state"), "cli_probe_scheduler": "cron",
+            "cli_probe_cron_file": os.path.join(DEMO, "cron.d", "baileys-resilience-probe"),
             "cli_db_host": p["login_host"], "cli_db_port": p["login_port"], "cli_db_user": p["login_user"],
             "cli_db_password": p["login_password"], "cli_db_name": "whatsapp", "cli_pg_bin_dir": bindir,
             "cli_backup_dir": os.path.join(DEMO, "backups"), "cli_textfile_dir": os.path.join(DEMO, "metrics"),
@@ -226,7 +230,7 @@ class Demo:
         _res, secs = self.playbook("provision.yml", self.v, "--skip-tags", skip)
         crons = sorted(os.listdir(os.path.join(DEMO, "cron.d")))
         self.step("roles applied to localhost", secs, "cron: %s" % ", ".join(c.split("-")[-1] for c in crons),
-                  os.path.exists(self.v["cli_bin"]) and len(crons) == 4)
+                  os.path.exists(self.v["cli_bin"]) and len(crons) == 5)
 
     def start_service(self):
         t = time.monotonic()

@@ -11,6 +11,7 @@ command -v zstd >/dev/null || need+=(zstd)
 command -v runuser >/dev/null || need+=(util-linux)
 command -v crontab >/dev/null || need+=(cron)
 command -v promtool >/dev/null || need+=(prometheus)  # promtool: rule checks and rule unit tests
+command -v shellcheck >/dev/null || need+=(shellcheck)  # ansible-test sanity's shellcheck test (skipped without it)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "missing system packages: ${need[*]} (run as root or install them)" >&2

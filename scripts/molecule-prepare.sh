@@ -7,8 +7,10 @@
 #        localhost/baileys-resilience/bookworm:latest   Debian 12 minbase + python3
 #        localhost/baileys-resilience/trixie:latest     Debian 13 minbase + python3
 #        localhost/baileys-resilience/pg18:latest       trixie + PostgreSQL 18 server from sid
-#   4. the local PGDG-style apt mirror (tests/apt-mirror/build.sh) and the container serving it
-#      on the host network (containers reach it as http://host.containers.internal:$MIRROR_PORT)
+#   4. the local PGDG-style apt mirror (tests/apt-mirror/build.sh: suites trixie-pgdg and
+#      bookworm-pgdg; the bookworm client is compiled in the bookworm image, ~7 min cold, cached)
+#      and the container serving it on the host network (containers reach it as
+#      http://host.containers.internal:$MIRROR_PORT)
 # Environment: DEBIAN_MIRROR (default http://deb.debian.org/debian), BAILEYS_FORCE_REBUILD=1,
 #              BAILEYS_MIRROR_PORT (default 8765).
 set -euo pipefail
@@ -126,6 +128,7 @@ build_base trixie
 build_pg18
 
 # ---------------------------------------------------------------- 4. apt mirror
+# needs the bookworm image (bookworm-pgdg is built in it) and the trixie image (the rest): built above
 DEBIAN_MIRROR=$DEBIAN_MIRROR bash tests/apt-mirror/build.sh "$CACHE/apt-mirror"
 # The serving container is (re)created when it does not answer, or when the port, the repository or
 # the checkout it serves changed. Podman's own "running" state is not trusted: on a machine restored

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run molecule scenarios: every molecule/<name>/molecule.yml but the default stub (no argument) or the ones named.
-#   scripts/molecule.sh [scenario...]          (make molecule [S=<scenario>])
+#   scripts/molecule.sh [scenario[@distro]...]   (make molecule [S=<scenario>]; backup@bookworm: Debian 12 app host)
 # Prepares the machine first (scripts/molecule-prepare.sh: podman, cached images, apt mirror),
 # prints the elapsed time of each scenario and exits non-zero when any of them failed
 # (the others still run). MOLECULE_ARGS is passed to `molecule test` (e.g. --destroy=never).
@@ -26,13 +26,16 @@ else
         [ "$s" = default ] && continue  # a stub that keeps molecule quiet, not a test (see its molecule.yml)
         scenarios+=("$s")
     done
+    # Debian 12 (bookworm) app hosts too, where the platform matters: the host command's runtime, the
+    # PostgreSQL 18 client's packages, Node for the service; the other scenarios add nothing platform-specific
+    scenarios+=(backup@bookworm emergency_rollback@bookworm)
 fi
 if [ ${#scenarios[@]} -eq 0 ]; then
     echo "molecule: no scenario under molecule/" >&2
     exit 0
 fi
 for s in "${scenarios[@]}"; do
-    [ -f "molecule/$s/molecule.yml" ] || { echo "molecule: no scenario molecule/$s/molecule.yml" >&2; exit 2; }
+    [ -f "molecule/${s%@*}/molecule.yml" ] || { echo "molecule: no scenario molecule/${s%@*}/molecule.yml" >&2; exit 2; }
 done
 
 t0=$SECONDS
@@ -41,11 +44,15 @@ prep=$((SECONDS - t0))
 
 results=()
 failed=0
+# A scenario name may end in @<distro> (backup@bookworm): the same scenario with its app host on that
+# distribution's image (BAILEYS_TEST_DISTRO, read by the scenario's molecule.yml, playbooks and verifier).
 for s in "${scenarios[@]}"; do
     echo "==> molecule test -s $s"
     ts=$SECONDS
+    distro=trixie
+    [ "$s" != "${s%@*}" ] && distro=${s#*@}
     # shellcheck disable=SC2086
-    if molecule test -s "$s" ${MOLECULE_ARGS:-}; then
+    if BAILEYS_TEST_DISTRO=$distro molecule test -s "${s%@*}" ${MOLECULE_ARGS:-}; then
         status=ok
     else
         status=FAILED

@@ -555,9 +555,8 @@ class _Publisher:
                         fsutil.rename_noreplace(staging, final, self.dest_fd)
                     except OSError as exc:
                         if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                            raise authnames.AuthStateError(
-                                "%s appeared while it was being exported (another export?); "
-                                "nothing in it was touched, run again" % directory)
+                            raise authnames.AuthStateError("%s appeared while it was being exported (another export?); "
+                                                           "nothing in it was touched, run again" % directory)
                         raise
                     done += 1
                 os.fsync(self.dest_fd)

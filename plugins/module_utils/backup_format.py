@@ -37,6 +37,10 @@ _STAMP_PATTERN = r"\d{8}T\d{6}Z"
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1024 * 1024
 ANY_PREFIX = object()  # for name_pattern and name_re: any prefix of PREFIX_PATTERN
+# encrypted copies (docs/encryption.md): the sealed copies of a backup directory live in SEALED_DIR
+SEALED_DIR = ".sealed"
+SEAL_RECORD_SUFFIX = ".seal.json"
+ENCRYPTION_FORMAT = "age-v1"
 
 
 # --------------------------------------------------------------------------- names
@@ -218,3 +222,56 @@ def backup_problems(dump_path, manifest, verify_checksum=False):
     if parse_created_at(manifest.get("created_at")) is None:
         problems.append("bad created_at %r" % (manifest.get("created_at"),))
     return problems
+
+
+# --------------------------------------------------------------------------- encrypted copies
+
+
+def sealed_paths(backup_dir, name):
+    """``(dump, manifest, record)`` paths of the encrypted copy of backup ``name`` of ``backup_dir``:
+    ``<backup_dir>/.sealed/<name>`` (age ciphertext of the dump), ``<name>.manifest.json`` (age
+    ciphertext of the sealed manifest) and ``<name>.seal.json`` (plaintext record: hashes and
+    recipient fingerprints, no secret)."""
+    base = os.path.join(backup_dir, SEALED_DIR, name)
+    return base, base + MANIFEST_SUFFIX, base + SEAL_RECORD_SUFFIX
+
+
+def sealed_manifest(manifest_raw, manifest, encryption):
+    """The plaintext of an encrypted copy's manifest object: the manifest's fields, an ``encryption``
+    block (``format``, ``recipients`` fingerprints, ``sha256``/``size`` of the ciphertext dump) and
+    ``plain_manifest``, the manifest file's exact text (written back on a decrypting fetch)."""
+    sealed = dict(manifest)
+    sealed["encryption"] = dict(encryption, format=ENCRYPTION_FORMAT)
+    sealed["plain_manifest"] = manifest_raw.decode("utf-8")
+    return (json.dumps(sealed, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def encryption_problem(manifest):
+    """Why a sealed manifest's ``encryption`` block is not usable, or ``None``."""
+    enc = manifest.get("encryption")
+    if not isinstance(enc, dict):
+        return "manifest has no encryption block"
+    if enc.get("format") != ENCRYPTION_FORMAT:
+        return "encryption format %r is not %s" % (enc.get("format"), ENCRYPTION_FORMAT)
+    if not isinstance(enc.get("sha256"), str) or not _SHA_RE.match(enc["sha256"]):
+        return "encryption block has no valid sha256"
+    if not isinstance(enc.get("size"), int) or isinstance(enc.get("size"), bool) or enc["size"] < 0:
+        return "encryption block has no valid size"
+    if not isinstance(enc.get("recipients"), list) or not enc["recipients"]:
+        return "encryption block names no recipient"
+    if not isinstance(manifest.get("plain_manifest"), str):
+        return "sealed manifest has no plain_manifest"
+    return None
+
+
+def open_sealed_manifest(plain):
+    """``(sealed manifest dict, the original manifest bytes, the original parsed)`` from the decrypted
+    manifest object; ``ValueError`` when it is not one."""
+    sealed = parse_manifest(plain)
+    if not isinstance(sealed, dict):
+        raise ValueError("sealed manifest is not a JSON object")
+    problem = encryption_problem(sealed)
+    if problem:
+        raise ValueError(problem)
+    raw = sealed["plain_manifest"].encode("utf-8")
+    return sealed, raw, parse_manifest(raw)

@@ -6,14 +6,17 @@
 :func:`read_backup_states` yields the same :class:`authstate.CompanyState` objects as
 ``authstate.DatabaseSource`` does (the ``source: backup`` export of ``auth_export`` and the
 failover's rollback from a backup), so ``authstate.export_states`` writes identical files.  The
-backup is first checked (backupcheck.py).  No Ansible import.
+backup is first checked (backupcheck.py).  An encrypted backup (age ciphertext, such as a sealed
+copy of backupseal.py) is read with an identity: decrypted into a private temporary directory
+(backupseal.decrypted_backup), read, and the directory removed before this returns.  No Ansible
+import.
 """
 from __future__ import absolute_import, division, print_function
 
 import os
 import tempfile
 
-from . import authsource, backupcheck, backupfiles, pgtools
+from . import agecrypt, authsource, backupcheck, backupfiles, backupseal, pgtools
 
 __metaclass__ = type
 
@@ -27,8 +30,11 @@ def _column(columns, name, table):
         raise BackupError("table %s in the dump has no column %r (columns: %s)" % (table, name, ", ".join(columns)))
 
 
-def read_backup_states(backup_file, store_params=None, companies=None, pg_bin_dir=None):
+def read_backup_states(backup_file, store_params=None, companies=None, pg_bin_dir=None, identities=None):
     """Read the auth state straight from a backup file, with no database server.
+
+    ``identities`` (agecrypt.load_identities) open an encrypted backup file; without them an
+    encrypted file is refused with a message that says so.
 
     Returns ``(snapshot, states)``: ``snapshot`` has ``snapshot_time`` (the
     manifest's ``created_at``), ``server_version_num`` and ``source``
@@ -40,6 +46,19 @@ def read_backup_states(backup_file, store_params=None, companies=None, pg_bin_di
     the caller touches anything.  The tables read are the ones the manifest
     names; ``store_params`` only matters for a manifest that names none.
     """
+    if backupseal.is_encrypted_backup(backup_file):
+        if not identities:
+            raise BackupError("%s is age-encrypted: give identity_file or identity to read it" % backup_file)
+        try:
+            with backupseal.decrypted_backup(backup_file, identities) as plain:
+                snapshot, states = _read_plain(plain, store_params, companies, pg_bin_dir)
+        except agecrypt.AgeError as exc:
+            raise BackupError(str(exc))
+        return snapshot, states
+    return _read_plain(backup_file, store_params, companies, pg_bin_dir)
+
+
+def _read_plain(backup_file, store_params, companies, pg_bin_dir):
     backup_path, manifest = backupcheck.load_valid(backup_file)
     bin_dir, _text = backupcheck.restore_bin_dir(pg_bin_dir, manifest)
     schema, auth_table, keys_table = backupcheck.store_names(backupcheck.tables_for(manifest, store_params))

@@ -62,6 +62,7 @@ JOBS = clijobs.JOBS
 job_backup = clijobs.job_backup
 job_replicate = clijobs.job_replicate
 job_fetch = clijobs.job_fetch
+job_reencrypt = clijobs.job_reencrypt
 job_verify = clijobs.job_verify
 job_cleanup = clijobs.job_cleanup
 job_health = clijobs.job_health
@@ -106,9 +107,21 @@ def build_parser():
                        help="download the newest backup whose sha256 verifies, trying the S3 targets in order")
     p.add_argument("--dest", metavar="DIR", help="download directory (default: config s3.fetch_dir)")
     p.add_argument("--check", action="store_true", help="say which object would be fetched, download nothing")
+    p.add_argument("--identity-file", metavar="FILE",
+                   help="age identity (AGE-SECRET-KEY-1...) that opens encrypted backups; decrypted while downloading")
+
+    p = sub.add_parser("reencrypt", parents=[common],
+                       help="key rotation: re-encrypt the backups on the S3 targets to the current "
+                            "s3.encryption.recipients (streamed, no plaintext on disk, verified, idempotent)")
+    p.add_argument("--identity-file", metavar="FILE", required=True,
+                   help="age identity that opens the existing objects (an old recipient's, e.g. the break-glass key)")
+    p.add_argument("--work-dir", metavar="DIR",
+                   help="where the ciphertext of one backup is staged before its upload (default: $TMPDIR)")
 
     p = sub.add_parser("verify", parents=[common], help="verify a backup (default: the newest valid one)")
     p.add_argument("backup_path", nargs="?", metavar="BACKUP", help="path of a .dump file")
+    p.add_argument("--identity-file", metavar="FILE",
+                   help="age identity for an encrypted BACKUP (without it only the ciphertext's integrity is checked)")
 
     p = sub.add_parser("cleanup", parents=[common],
                        help="delete old signal keys the retention rules let go (never pre-keys, app-state keys...)")

@@ -16,7 +16,7 @@ import re
 import stat
 
 from . import alerts as alerts_mod
-from . import errors, jobs, pgconn
+from . import agecrypt, errors, jobs, pgconn
 
 __metaclass__ = type
 
@@ -37,7 +37,7 @@ SECTIONS = {
     "probe": {"interval": (int, float), "slow_seconds": (int, float), "connect_timeout": int,
               "statement_timeout": (int, float)},
     "s3": {"targets": list, "name_prefix": str, "after_backup": bool, "settings": dict, "verify_download": bool,
-           "verify_existing": bool, "fetch_dir": str},
+           "verify_existing": bool, "fetch_dir": str, "encryption": dict},
 }
 TOP_LEVEL = {"backup_dir": str, "pg_bin_dir": str, "textfile_dir": str, "lock_dir": str, "log_format": str,
              "hostname": str, "state_dir": str}
@@ -189,6 +189,13 @@ def load_config(path):
         alerts_mod.Alerts(config.get("alerts"))
     except alerts_mod.AlertConfigError as exc:
         raise ConfigError(str(exc))
+    encryption = (config.get("s3") or {}).get("encryption")
+    if encryption is not None:
+        # checked here, before any job runs: a mistyped option or a bad recipient uploads nothing
+        try:
+            agecrypt.Encryption.from_options(encryption, "s3.encryption")
+        except agecrypt.AgeError as exc:
+            raise ConfigError("%s: %s" % (path, exc))
     return config
 
 

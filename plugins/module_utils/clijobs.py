@@ -1,7 +1,8 @@
 # -*- coding: utf-8 -*-
 # Copyright: baileys.resilience contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The host tool's jobs: what ``baileys-resilience backup|replicate|fetch|verify|cleanup|health|export|import`` does.
+"""The host tool's jobs: what ``baileys-resilience backup|replicate|fetch|reencrypt|verify|cleanup|health|export|
+import`` does.
 
 :func:`run_job` wraps every job: its own lock (a second concurrent run exits 75 at once), one
 structured log line per step on stderr (JSON lines or logfmt, secrets masked), Sentry Crons and
@@ -237,9 +238,10 @@ def _replicate(ctx, log, check_mode=False):
     s3, cfg, settings = _s3_settings(ctx, check_mode)
     prefix = cfg.get("name_prefix") or ctx.backup_prefix()
     with log.step("replicate") as step:
-        result = s3.replicate(ctx.need("backup_dir", "replicate"), cfg["targets"], settings, name_prefix=prefix)
+        result = s3.replicate(ctx.need("backup_dir", "replicate"), cfg["targets"], settings, name_prefix=prefix,
+                              encryption=cfg.get("encryption"))
         step.counts(uploaded=result.get("uploaded"), failures=len(result.get("failures") or []),
-                    targets=len(result.get("targets") or []))
+                    targets=len(result.get("targets") or []), encrypted=result.get("encrypted"))
     if not result.get("ok"):
         error = s3.S3Error(s3.failure_message(result))
         error.result = result
@@ -263,11 +265,33 @@ def job_fetch(ctx, log):
     if not dest:
         raise ConfigError("fetch needs --dest or s3.fetch_dir in the config")
     prefix = cfg.get("name_prefix") or ctx.backup_prefix()
+    identities = s3.load_identities(identity_file=getattr(ctx.args, "identity_file", None))
     with log.step("fetch") as step:
-        result = s3.fetch(dest, cfg["targets"], settings, name_prefix=prefix)
+        result = s3.fetch(dest, cfg["targets"], settings, name_prefix=prefix, identities=identities)
         step.counts(target=result.get("target"), key=result.get("key"), tried=len(result.get("tried") or []))
-    return Outcome(result, "%s from %s (%s)" % (result.get("path") or result.get("key"), result.get("target"),
-                                                "check mode" if ctx.args.check else "sha256 verified"))
+    return Outcome(result, "%s from %s (%s)" % (
+        result.get("path") or result.get("key"), result.get("target"),
+        "check mode" if ctx.args.check else "decrypted, sha256 verified" if result.get("decrypted")
+        else "sha256 verified"))
+
+
+def job_reencrypt(ctx, log):
+    """Key rotation: re-encrypt the retained S3 objects to the current s3.encryption.recipients."""
+    s3, cfg, settings = _s3_settings(ctx)
+    identities = s3.load_identities(identity_file=ctx.args.identity_file)
+    prefix = cfg.get("name_prefix") or ctx.backup_prefix()
+    with log.step("reencrypt") as step:
+        result = s3.reencrypt(cfg["targets"], cfg.get("encryption"), identities, settings, name_prefix=prefix,
+                              work_dir=ctx.args.work_dir)
+        step.counts(reencrypted=result["reencrypted"], failures=len(result["failures"]))
+    if not result["ok"]:
+        error = s3.S3Error("re-encryption incomplete: %s" % "; ".join(
+            "%s: %s: %s" % (f["target"], f["key"], f["error"]) for f in result["failures"][:20]))
+        error.result = result
+        raise error
+    current = sum(t["current"] for t in result["targets"])
+    return Outcome(result, "%d backup(s) re-encrypted to %s, %d already current" % (
+        result["reencrypted"], ", ".join(result["recipients"]), current))
 
 
 def _newest_backup_path(backup, backup_dir, prefix):
@@ -277,6 +301,23 @@ def _newest_backup_path(backup, backup_dir, prefix):
         if found and not os.path.isabs(found):
             found = os.path.join(backup_dir, found)
     return found
+
+
+def _verify_maybe_encrypted(ctx, backup, path):
+    from . import agecrypt, backupseal
+
+    def verify(p):
+        return backup.verify_backup(p, ctx.conn_params, ctx.store_params, pg_bin_dir=ctx.config.get("pg_bin_dir"))
+
+    if not backupseal.is_encrypted_backup(path):
+        return verify(path)
+    identities = agecrypt.load_identities(identity_file=getattr(ctx.args, "identity_file", None))
+    if not identities:
+        return backupseal.ciphertext_check(path)
+    with backupseal.decrypted_backup(path, identities) as plain:
+        result = verify(plain)
+    result.update(backup=path, encrypted=True, decrypted=True)
+    return result
 
 
 def job_verify(ctx, log):
@@ -291,8 +332,8 @@ def job_verify(ctx, log):
         if not path:
             raise ConfigError("no valid backup found in %s" % backup_dir)
     with log.step("verify", path=path) as step:
-        result = backup.verify_backup(path, ctx.conn_params, ctx.store_params, pg_bin_dir=ctx.config.get("pg_bin_dir"))
-        step.counts(ok=result.get("ok", result.get("valid")))
+        result = _verify_maybe_encrypted(ctx, backup, path)
+        step.counts(ok=result.get("ok", result.get("valid")), decrypted=result.get("decrypted"))
     failed = result.get("failed") or result.get("ok") is False or result.get("valid") is False
     summary = "%s %s" % ("verified" if not failed else "VERIFY FAILED for", path)
     if failed and result.get("msg"):
@@ -476,6 +517,7 @@ JOBS = {
     "backup": job_backup,
     "replicate": job_replicate,
     "fetch": job_fetch,
+    "reencrypt": job_reencrypt,
     "verify": job_verify,
     "cleanup": job_cleanup,
     "health": job_health,

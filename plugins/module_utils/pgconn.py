@@ -15,7 +15,7 @@ from __future__ import absolute_import, division, print_function
 
 import re
 
-from . import errors, pgdriver
+from . import errors, jobs, pgdriver
 
 __metaclass__ = type
 
@@ -108,11 +108,31 @@ def describe(params):
     return "host=%s port=%s dbname=%s user=%s" % (host, port, p.get("dbname", "(default)"), p.get("user", "(default)"))
 
 
+def secret_values(params):
+    """The secret values among the connection options, for an AnsibleModule's ``no_log_values``.
+
+    ``login_password`` is ``no_log`` in the argument spec; ``connect_params`` is a free-form dict and is not (that
+    would mask every value of it, ``10`` or ``require``, wherever it appears in the output).  Only the values of its
+    secret-looking keys are returned (``password``, ``sslpassword``, ``passfile``... by ``jobs.SECRET_KEY_RE``), and a
+    key or certificate given as content (PEM) rather than as a path.  No Ansible import.
+    """
+    out = set()
+    password = params.get("login_password")
+    if password not in (None, ""):
+        out.add(str(password))
+    for key, value in (params.get("connect_params") or {}).items():
+        if value in (None, "") or isinstance(value, bool):
+            continue
+        text = str(value)
+        if jobs.SECRET_KEY_RE.search(str(key)) or "-----BEGIN" in text or "PRIVATE KEY" in text:
+            out.add(text)
+    return out
+
+
 def _scrub(message, params):
-    password = params.get("login_password") or (params.get("connect_params") or {}).get("password")
     text = str(message).strip()
-    if password:
-        text = text.replace(str(password), "********")
+    for secret in sorted(secret_values(params), key=len, reverse=True):
+        text = text.replace(secret, jobs.MASK)
     return text
 
 

@@ -18,12 +18,20 @@ s3objects    the objects of a backup on a target: object_key, META_SHA256, head_
              retried list, HEAD and streaming (hashing, resuming) GET
 s3replicate  replication: scan_local_backups, verify_local, replicate, failure_message
 s3fetch      disaster recovery: fetch (candidates newest first, failover across targets,
-             verified download), SELECTIONS, _order_candidates, restore_fetched
+             verified download, decrypted with an identity), SELECTIONS, _order_candidates,
+             restore_fetched
+s3rekey      key rotation: reencrypt (the retained encrypted objects to the current recipients,
+             streamed S3 -> decrypt -> encrypt -> S3, no plaintext on disk)
 ===========  =========================================================================================
 
+Encryption (age, docs/encryption.md): agecrypt.py holds the keys and the cipher, backupseal.py
+the sealed copies replication uploads; ENCRYPTION_OPTIONS, Encryption, AgeError, WrongIdentity
+and load_identities are re-exported here for the modules.
+
 Imports (no cycle): s3conf imports no other room; s3objects imports s3conf; s3replicate and
-s3fetch import s3conf and s3objects, and neither imports the other; this module imports all
-four.  Backup names and manifest checks come from backup_format.py (and fsutil.py for the
+s3fetch import s3conf and s3objects (and agecrypt; s3replicate also backupseal), and neither
+imports the other; s3rekey imports s3conf, s3objects, agecrypt and backup_format; this module
+imports them all.  Backup names and manifest checks come from backup_format.py (and fsutil.py for the
 fetch's files).  No Ansible import anywhere: the same code runs in the modules and in the
 cron tool.  The invariants of each operation are in its room's docstring.
 
@@ -34,7 +42,7 @@ reach the room that uses X.  Patch a function or a setting in its room (``s3conf
 """
 from __future__ import absolute_import, division, print_function
 
-from . import backup_format, s3conf, s3fetch, s3objects, s3replicate
+from . import agecrypt, backup_format, s3conf, s3fetch, s3objects, s3rekey, s3replicate
 
 __metaclass__ = type
 
@@ -97,3 +105,14 @@ SELECTIONS = s3fetch.SELECTIONS
 fetch = s3fetch.fetch
 restore_fetched = s3fetch.restore_fetched
 _order_candidates = s3fetch._order_candidates
+
+# s3rekey: key rotation
+reencrypt = s3rekey.reencrypt
+
+# agecrypt: encryption settings and identities (the modules' options)
+ENCRYPTION_OPTIONS = agecrypt.OPTIONS
+Encryption = agecrypt.Encryption
+AgeError = agecrypt.AgeError
+WrongIdentity = agecrypt.WrongIdentity
+load_identities = agecrypt.load_identities
+HAS_PYRAGE = agecrypt.HAS_PYRAGE

@@ -19,13 +19,19 @@ Invariants
   written beside the dump after it.
 * A backup already in the destination that verifies is not downloaded again; check mode
   downloads and writes nothing.
+* Encrypted backups (age, docs/encryption.md) need identities: the manifest object is decrypted
+  in memory, the dump is decrypted while it downloads into the same temporary file (0600), the
+  ciphertext is checked against the sealed manifest's ``encryption`` block and the plaintext
+  against the manifest; the manifest written beside the dump is the original's exact bytes.  An
+  identity that does not match fails the candidate with the recipient fingerprints it was made
+  for, and leaves no file.
 """
 from __future__ import absolute_import, division, print_function
 
 import os
 import time
 
-from . import backup_format, fsutil, s3conf, s3objects
+from . import agecrypt, backup_format, fsutil, s3conf, s3objects
 
 __metaclass__ = type
 
@@ -35,8 +41,30 @@ SELECTIONS = ("newest", "target_order")  # candidate orders, see _order_candidat
 # --------------------------------------------------------------------------- candidates
 
 
-def _list_candidates(client, target, policy, name_prefix, backup_name, on_retry, warnings):
+def _open_manifest(raw, meta, identities, target, key, locked):
+    """``(manifest, manifest bytes for dest_dir, encryption block or None)``, or ``None`` (with
+    ``locked`` told why) for an encrypted manifest that cannot be opened."""
+    if not agecrypt.is_age(raw):
+        return backup_format.parse_manifest(raw), raw, None
+    made_for = [r for r in (meta.get("age-recipients") or "").split(",") if r]
+    what = "s3://%s/%s on target %s" % (target["bucket"], key, target["name"])
+    if not identities:
+        locked.append("%s is age-encrypted (to %s): give identity_file or identity to fetch it"
+                      % (what, ", ".join(made_for) or "recipients not recorded"))
+        return None
+    try:
+        plain = agecrypt.decrypt_bytes(raw, identities, made_for, what)
+    except agecrypt.AgeError as exc:
+        locked.append(str(exc))
+        return None
+    sealed, original, manifest = backup_format.open_sealed_manifest(plain)
+    return manifest, original, sealed["encryption"]
+
+
+def _list_candidates(client, target, policy, name_prefix, backup_name, on_retry, warnings, identities=None,
+                     locked=None):
     """Remote backups on one target (manifests read and checked), newest first."""
+    locked = [] if locked is None else locked
     pattern = s3objects.backup_name_re(name_prefix)
     listing = s3objects.list_objects(client, target, policy, on_retry)
     found = []
@@ -53,8 +81,12 @@ def _list_candidates(client, target, policy, name_prefix, backup_name, on_retry,
             continue
         raw = bytearray()
         try:
-            s3objects.stream_object(client, target["bucket"], key, policy, sink=raw.extend, on_retry=on_retry)
-            manifest = backup_format.parse_manifest(bytes(raw))
+            _sha, _size, meta = s3objects.stream_object(client, target["bucket"], key, policy, sink=raw.extend,
+                                                        on_retry=on_retry)
+            opened = _open_manifest(bytes(raw), meta, identities, target, key, locked)
+            if opened is None:
+                continue
+            manifest, manifest_bytes, encryption = opened
         except (ValueError, UnicodeDecodeError) as exc:
             warnings.append("target %s: manifest %s unparsable (%s), ignored" % (target["name"], key, exc))
             continue
@@ -63,8 +95,8 @@ def _list_candidates(client, target, policy, name_prefix, backup_name, on_retry,
             warnings.append("target %s: manifest %s ignored: %s" % (target["name"], key, problem))
             continue
         dump_key = s3objects.object_key(target, name, kind)
-        found.append({"name": name, "key": dump_key, "manifest_key": key,
-                      "manifest": manifest, "manifest_bytes": bytes(raw), "created_at": manifest["created_at"],
+        found.append({"name": name, "key": dump_key, "manifest_key": key, "encryption": encryption,
+                      "manifest": manifest, "manifest_bytes": manifest_bytes, "created_at": manifest["created_at"],
                       "dump_listed": dump_key in listing})
     found.sort(key=lambda c: (c["created_at"], c["name"]), reverse=True)
     return found
@@ -96,8 +128,11 @@ def _neg(text):
     return tuple(-ord(c) for c in text) + (1,)
 
 
-def _download_to(client, target, cand, dest_dir, policy, on_retry):
-    """Download a candidate's dump into a temp file in ``dest_dir``; return (temp path, sha, size, meta)."""
+def _download_to(client, target, cand, dest_dir, policy, on_retry, identities=None):
+    """Download a candidate's dump into a temp file in ``dest_dir``; return (temp path, sha, size, meta).
+
+    For an encrypted candidate the file gets the plaintext (decrypted while downloading): ``sha`` and
+    ``size`` are then the plaintext's, and ``meta`` gets ``_ciphertext`` (its sha256 and size)."""
     tmp = os.path.join(dest_dir, "%s%d-%s" % (fsutil.TEMP_PREFIX, os.getpid(), cand["name"]))
     fsutil._unlink_quiet(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -108,8 +143,20 @@ def _download_to(client, target, cand, dest_dir, policy, on_retry):
                 view = memoryview(chunk)
                 while view:
                     view = view[fh.write(view):]
-            sha, size, meta = s3objects.stream_object(client, target["bucket"], cand["key"], policy, sink=sink,
-                                                      on_retry=on_retry)
+            if cand.get("encryption"):
+                what = "s3://%s/%s on target %s" % (target["bucket"], cand["key"], target["name"])
+                dec = agecrypt.StreamDecryptor(fh, identities, cand["encryption"].get("recipients"), what)
+                try:
+                    ct_sha, ct_size, meta = s3objects.stream_object(client, target["bucket"], cand["key"], policy,
+                                                                    sink=dec.feed, on_retry=on_retry)
+                except BaseException:
+                    dec.abort()
+                    raise
+                sha, size = dec.finish()
+                meta = dict(meta, _ciphertext=(ct_sha, ct_size))
+            else:
+                sha, size, meta = s3objects.stream_object(client, target["bucket"], cand["key"], policy, sink=sink,
+                                                          on_retry=on_retry)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -123,7 +170,7 @@ def _download_to(client, target, cand, dest_dir, policy, on_retry):
 
 
 def fetch(dest_dir, targets, settings=None, name_prefix=backup_format.DEFAULT_PREFIX, backup_name=None,
-          selection="newest", client_factory=s3conf.make_client, log=None):
+          selection="newest", client_factory=s3conf.make_client, log=None, identities=None):
     """Download the newest backup whose sha256 verifies, with failover across targets.
 
     Every target is listed (a target that cannot be listed is skipped with a
@@ -136,6 +183,9 @@ def fetch(dest_dir, targets, settings=None, name_prefix=backup_format.DEFAULT_PR
     (``changed=false``).  Check mode picks the candidate (manifest read, dump
     HEAD checked) and downloads nothing.  Raises :class:`s3conf.S3Error` when no
     candidate verifies.
+
+    ``identities`` (agecrypt.load_identities) open encrypted backups; without them an encrypted
+    backup is not a candidate, and the error says so.
     """
     started = time.monotonic()
     settings = settings or s3conf.Settings()
@@ -162,7 +212,7 @@ def fetch(dest_dir, targets, settings=None, name_prefix=backup_format.DEFAULT_PR
         w = s3conf.credentials_file_warning(t)
         if w:
             warnings.append(w)
-    clients, policies, per_target = [], [], []
+    clients, policies, per_target, locked = [], [], [], []
     for t in targets:
         policy = settings.policy()
         policies.append(policy)
@@ -171,7 +221,8 @@ def fetch(dest_dir, targets, settings=None, name_prefix=backup_format.DEFAULT_PR
             _log("target %s: attempt %d failed (%s), retrying" % (t["name"], attempt, s3conf.error_text(exc)))
         try:
             client = client_factory(t, settings)
-            cands = _list_candidates(client, t, policy, name_prefix, backup_name, on_retry, warnings)
+            cands = _list_candidates(client, t, policy, name_prefix, backup_name, on_retry, warnings, identities,
+                                     locked)
         except (s3conf.BotoCoreError, s3conf.ClientError, OSError, s3conf.S3Error) as exc:
             text = str(exc) if isinstance(exc, s3conf.S3Error) else s3conf.error_text(exc)
             warnings.append("target %s skipped: %s" % (s3conf.describe_target(t), text))
@@ -202,7 +253,8 @@ def fetch(dest_dir, targets, settings=None, name_prefix=backup_format.DEFAULT_PR
             if not cand["dump_listed"]:
                 raise s3conf.VerifyError("dump object missing (manifest without dump)")
             head = s3objects.head_object(client, t["bucket"], cand["key"], policy, on_retry)
-            problem = s3objects.head_problem(head, m["size"], m["sha256"])
+            enc = cand["encryption"]
+            problem = s3objects.head_problem(head, *((enc["size"], enc["sha256"]) if enc else (m["size"], m["sha256"])))
             if problem:
                 raise s3conf.VerifyError("object does not match its manifest: %s" % problem)
             local_ok = _local_matches(final, m)
@@ -215,10 +267,18 @@ def fetch(dest_dir, targets, settings=None, name_prefix=backup_format.DEFAULT_PR
                     fsutil.atomic_write(final_manifest, cand["manifest_bytes"], mode=0o600)
                     result["changed"] = True
             else:
-                tmp, sha, size, meta = _download_to(client, t, cand, dest_dir, policy, on_retry)
+                tmp, sha, size, meta = _download_to(client, t, cand, dest_dir, policy, on_retry, identities)
                 result["downloaded_bytes"] = size
                 bad = None
-                if size != m["size"]:
+                if enc:
+                    ct_sha, ct_size = meta["_ciphertext"]
+                    if ct_size != enc["size"] or ct_sha != enc["sha256"]:
+                        bad = "ciphertext %d bytes with sha256 %s, manifest says %d, %s" % (
+                            ct_size, ct_sha, enc["size"], enc["sha256"])
+                    meta = {}
+                if bad:
+                    pass
+                elif size != m["size"]:
                     bad = "%d bytes, manifest says %d" % (size, m["size"])
                 elif sha != m["sha256"]:
                     bad = "sha256 %s, manifest says %s" % (sha, m["sha256"])
@@ -237,6 +297,11 @@ def fetch(dest_dir, targets, settings=None, name_prefix=backup_format.DEFAULT_PR
             warnings.append("corrupted object s3://%s/%s on target %s: %s; trying the next candidate"
                             % (t["bucket"], cand["key"], t["name"], exc))
             continue
+        except agecrypt.AgeError as exc:
+            entry.update(outcome="wrong_identity" if isinstance(exc, agecrypt.WrongIdentity) else "undecryptable",
+                         error=str(exc))
+            warnings.append("%s; trying the next candidate" % exc)
+            continue
         except s3conf.VerifyError as exc:
             entry.update(outcome="invalid", error=str(exc))
             warnings.append("s3://%s/%s on target %s: %s; trying the next candidate"
@@ -248,12 +313,15 @@ def fetch(dest_dir, targets, settings=None, name_prefix=backup_format.DEFAULT_PR
                             % (t["bucket"], cand["key"], t["name"], s3conf.error_text(exc)))
             continue
         result.update(path=final, manifest_path=final_manifest, manifest=m, target=t["name"], bucket=t["bucket"],
-                      key=cand["key"], name=cand["name"])
+                      key=cand["key"], name=cand["name"], decrypted=bool(enc),
+                      recipients=enc["recipients"] if enc else [])
         result["seconds"] = round(time.monotonic() - started, 3)
         return result
     result["seconds"] = round(time.monotonic() - started, 3)
     summary = "; ".join("%s %s: %s%s" % (e["target"], e["key"] or "(listing)", e["outcome"],
                                          " (%s)" % e["error"] if e["error"] else "") for e in tried)
+    if locked:
+        summary = "; ".join(([summary] if summary else []) + sorted(set(locked)))
     raise s3conf.FetchError("no backup%s could be fetched and verified from any target: %s" % (
         " %s" % backup_name if backup_name else "", summary or "no backups found under the targets' prefixes"),
         result)

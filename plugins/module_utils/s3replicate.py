@@ -18,6 +18,10 @@ Invariants
   not verify is uploaded nowhere and reported.
 * A backup's manifest is uploaded only after its dump is verified on that
   target, so a remote manifest always implies a verified dump.
+* With recipients (an enabled :class:`agecrypt.Encryption`), what is uploaded is the backup's
+  sealed copy (backupseal.py: age ciphertext of the dump and of its sealed manifest, made once per
+  recipient set from a dump that hashed to its manifest), never the local files; every body is
+  checked for the age header before it is sent, and a body without it fails the object.
 * A run reports success only when every valid local backup is verified on every
   target; otherwise the result lists each failed ``target/object``.  A target or object
   failure never raises.
@@ -30,7 +34,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import backup_format, errors, s3conf, s3objects
+from . import agecrypt, backup_format, backupseal, errors, s3conf, s3objects
 
 __metaclass__ = type
 
@@ -100,8 +104,11 @@ def verify_local(backup):
 class _TargetRun:
     """One target's replication state and result."""
 
-    def __init__(self, target, settings, client_factory, log):
+    def __init__(self, target, settings, client_factory, log, view=None, encrypted=False):
         self.t = target
+        # what is uploaded for a backup (the backup itself, or its sealed copy; None: not sealed yet)
+        self.view = view or (lambda b: b)
+        self.encrypted = encrypted
         self.st = settings
         self.client_factory = client_factory
         self.log = log
@@ -140,8 +147,8 @@ class _TargetRun:
     def head(self, key):
         return s3objects.head_object(self.client, self.t["bucket"], key, self.policy, self.on_retry("HEAD " + key))
 
-    def extra_args(self, sha_hex):
-        extra = {"Metadata": {s3objects.META_SHA256: sha_hex}}
+    def extra_args(self, sha_hex, meta=None):
+        extra = {"Metadata": dict(meta or {}, **{s3objects.META_SHA256: sha_hex})}
         if self.t["storage_class"]:
             extra["StorageClass"] = self.t["storage_class"]
         if self.t["sse"]:
@@ -150,17 +157,26 @@ class _TargetRun:
                 extra["SSEKMSKeyId"] = self.t["kms_key_id"]
         return extra
 
-    def put_bytes(self, key, data, sha_hex):
+    def _refuse_plaintext(self, key, head):
+        if self.encrypted and not agecrypt.is_age(head):
+            raise s3conf.S3Error("refusing to upload %s: encryption is on and the body is not age ciphertext" % key)
+
+    def put_bytes(self, key, data, sha_hex, meta=None):
+        self._refuse_plaintext(key, data)
         checksum = s3objects.b64_of_hex(sha_hex)
 
         def op():
             self.client.put_object(Bucket=self.t["bucket"], Key=key, Body=data, ContentLength=len(data),
-                                   ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum, **self.extra_args(sha_hex))
+                                   ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum,
+                                   **self.extra_args(sha_hex, meta))
         self.policy.call(op, self.on_retry("PUT " + key))
         return checksum
 
-    def upload_file(self, key, path, size, sha_hex):
+    def upload_file(self, key, path, size, sha_hex, meta=None):
         """Upload a file; returns the single-part base64 checksum sent (``None`` for multipart)."""
+        if self.encrypted:
+            with open(path, "rb") as fh:
+                self._refuse_plaintext(key, fh.read(len(agecrypt.HEADER)))
         if size < self.st.multipart_threshold:
             checksum = s3objects.b64_of_hex(sha_hex)
 
@@ -168,12 +184,12 @@ class _TargetRun:
                 with open(path, "rb") as fh:
                     self.client.put_object(Bucket=self.t["bucket"], Key=key, Body=fh, ContentLength=size,
                                            ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum,
-                                           **self.extra_args(sha_hex))
+                                           **self.extra_args(sha_hex, meta))
             self.policy.call(op, self.on_retry("PUT " + key))
             return checksum
 
         def op_multipart():
-            future = self.tm.upload(path, self.t["bucket"], key, extra_args=self.extra_args(sha_hex))
+            future = self.tm.upload(path, self.t["bucket"], key, extra_args=self.extra_args(sha_hex, meta))
             future.result()
         self.policy.call(op_multipart, self.on_retry("multipart upload " + key))
         return None
@@ -247,11 +263,14 @@ class _TargetRun:
         # HEAD, in parallel, every object the listing shows with the right size
         wanted = {}
         for b in backups:
-            wanted[s3objects.object_key(self.t, b["name"], b["kind"])] = (b["size"], b["sha256"])
+            v = self.view(b)
+            if v is None:  # not sealed for the current recipients yet: its objects are sealed and sent
+                continue
+            wanted[s3objects.object_key(self.t, b["name"], b["kind"])] = (v["size"], v["sha256"])
             wanted[s3objects.object_key(self.t, b["name"] + backup_format.MANIFEST_SUFFIX, b["kind"])] = (
-                len(b["manifest_bytes"]), b["manifest_sha256"])
+                len(v["manifest_bytes"]), v["manifest_sha256"])
         to_head = [k for k, (size, _sha) in wanted.items() if listing.get(k) == size]
-        state = {k: "missing" if k not in listing else "differs" for k in wanted}
+        state = {k: "missing" if k not in listing else "differs" for k in self._all_keys(backups)}
         if to_head:
             with ThreadPoolExecutor(max_workers=min(self.st.head_concurrency, len(to_head))) as pool:
                 futures = {k: pool.submit(self.head, k) for k in to_head}
@@ -299,10 +318,11 @@ class _TargetRun:
         dump_state = state[dump_key]
         if dump_state.startswith("error: "):
             raise _ObjectFailure(dump_key, "HEAD failed: %s" % dump_state[len("error: "):])
+        v = self.view(b)
         try:
             if dump_state == "ok" and self.st.verify_existing and not self.st.check_mode:
                 try:
-                    self.verify_by_download(dump_key, b["size"], b["sha256"])
+                    self.verify_by_download(dump_key, v["size"], v["sha256"])
                 except s3conf.CorruptObject as exc:
                     self.log("target %s: %s is corrupted (%s); uploading it again" % (self.t["name"], dump_key, exc))
                     self.add("repaired", dump_key)
@@ -312,14 +332,15 @@ class _TargetRun:
             else:
                 if local_check(b):  # not a valid local backup: uploaded nowhere, reported by the caller
                     return
+                v = self.view(b)  # sealed by local_check when encryption is on
                 if self.st.check_mode:
                     self.add("would_upload", dump_key)
                 else:
-                    checksum = self.upload_file(dump_key, b["path"], b["size"], b["sha256"])
-                    self.verify_after_upload(dump_key, b["size"], b["sha256"], checksum)
+                    checksum = self.upload_file(dump_key, v["path"], v["size"], v["sha256"], v.get("meta"))
+                    self.verify_after_upload(dump_key, v["size"], v["sha256"], checksum)
                     self.add("uploaded", dump_key)
-                    self.add("bytes_uploaded", b["size"])
-        except (s3conf.BotoCoreError, s3conf.ClientError, OSError, s3conf.S3Error) as exc:
+                    self.add("bytes_uploaded", v["size"])
+        except (s3conf.BotoCoreError, s3conf.ClientError, OSError, s3conf.S3Error, agecrypt.AgeError) as exc:
             raise _ObjectFailure(dump_key, exc)
         # the manifest only after the dump is verified on this target
         if state[man_key] == "ok":
@@ -329,12 +350,15 @@ class _TargetRun:
             self.add("would_upload", man_key)
             return
         try:
-            checksum = self.put_bytes(man_key, b["manifest_bytes"], b["manifest_sha256"])
-            self.verify_after_upload(man_key, len(b["manifest_bytes"]), b["manifest_sha256"], checksum)
-        except (s3conf.BotoCoreError, s3conf.ClientError, OSError, s3conf.S3Error) as exc:
+            if v is None and local_check(b):
+                raise s3conf.S3Error("not uploaded: the local backup is not valid")
+            v = self.view(b)
+            checksum = self.put_bytes(man_key, v["manifest_bytes"], v["manifest_sha256"], v.get("meta"))
+            self.verify_after_upload(man_key, len(v["manifest_bytes"]), v["manifest_sha256"], checksum)
+        except (s3conf.BotoCoreError, s3conf.ClientError, OSError, s3conf.S3Error, agecrypt.AgeError) as exc:
             raise _ObjectFailure(man_key, exc)
         self.add("uploaded", man_key)
-        self.add("bytes_uploaded", len(b["manifest_bytes"]))
+        self.add("bytes_uploaded", len(v["manifest_bytes"]))
 
 
 class _ObjectFailure(errors.BaileysResilienceError):
@@ -351,7 +375,7 @@ class _ObjectFailure(errors.BaileysResilienceError):
 
 
 def replicate(backup_dir, targets, settings=None, name_prefix=backup_format.DEFAULT_PREFIX,
-              client_factory=s3conf.make_client, log=None):
+              client_factory=s3conf.make_client, log=None, encryption=None):
     """Upload every valid local backup (dump, then manifest) that a target lacks, and verify it there.
 
     ``targets``: list of dicts (see TARGET_OPTIONS).  Returns a dict:
@@ -360,9 +384,15 @@ def replicate(backup_dir, targets, settings=None, name_prefix=backup_format.DEFA
     (``[{"target", "key", "error"}]``), ``warnings``, ``duration``.  In check
     mode nothing is uploaded and each target lists ``would_upload``.
     Never raises for a target or object failure: those are in ``failed``.
+
+    ``encryption``: an :class:`agecrypt.Encryption` (or its options as a dict, checked before
+    anything is read or uploaded); with recipients, only sealed copies are uploaded (see the
+    invariants) and the result has ``encrypted: true`` and the recipient fingerprints.
     """
     started = time.monotonic()
     settings = settings or s3conf.Settings()
+    if not isinstance(encryption, agecrypt.Encryption):
+        encryption = agecrypt.Encryption.from_options(encryption)
     targets = s3conf.normalize_targets(targets)
     s3conf.require_boto3()
     warnings = []
@@ -379,17 +409,42 @@ def replicate(backup_dir, targets, settings=None, name_prefix=backup_format.DEFA
             warnings.append(w)
     backups, invalid = scan_local_backups(backup_dir, name_prefix)
     local_checked = {}
+    sealed, name_locks = {}, {b["name"]: threading.Lock() for b in backups}
+    if encryption.enabled:
+        backupseal.prune(backup_dir, {b["name"] for b in backups} | {e["name"] for e in invalid})
+        for b in backups:
+            sealed[b["name"]] = backupseal.current(backup_dir, b, encryption)
 
     def local_check(b):
-        if b["name"] not in local_checked:
-            local_checked[b["name"]] = verify_local(b)
-            if local_checked[b["name"]]:
-                invalid.append({"name": b["name"], "reason": local_checked[b["name"]]})
-        return local_checked[b["name"]]
+        with name_locks[b["name"]]:
+            if b["name"] not in local_checked:
+                if encryption.enabled and not settings.check_mode:
+                    try:
+                        copy, problem = backupseal.seal(backup_dir, b, encryption)
+                    except (OSError, agecrypt.AgeError) as exc:
+                        copy, problem = None, "cannot encrypt: %s" % (getattr(exc, "strerror", None) or exc)
+                    if copy is not None:
+                        copy["meta"] = {"age-recipients": ",".join(copy["recipients"])}
+                    sealed[b["name"]] = copy
+                else:
+                    problem = verify_local(b)
+                local_checked[b["name"]] = problem
+                if problem:
+                    invalid.append({"name": b["name"], "reason": problem})
+            return local_checked[b["name"]]
+
+    def view(b):
+        if not encryption.enabled:
+            return b
+        copy = sealed.get(b["name"])
+        if copy is not None and "meta" not in copy:
+            copy["meta"] = {"age-recipients": ",".join(copy["recipients"])}
+        return copy
 
     results = []
     for t in targets:
-        results.append(_TargetRun(t, settings, client_factory, _log).run(backups, local_check))
+        results.append(_TargetRun(t, settings, client_factory, _log, view, encryption.enabled)
+                       .run(backups, local_check))
     if not backups:
         warnings.append("no valid backup named %s-<stamp>.dump in %s" % (name_prefix or "<prefix>", backup_dir))
     for entry in invalid:
@@ -404,6 +459,8 @@ def replicate(backup_dir, targets, settings=None, name_prefix=backup_format.DEFA
         "changed": bool(uploaded or would),
         "ok": not failed,
         "check_mode": settings.check_mode,
+        "encrypted": encryption.enabled,
+        "recipients": encryption.fingerprints,
         "backup_dir": backup_dir,
         "backups": [b["name"] for b in backups if not local_checked.get(b["name"])],
         "invalid_local": invalid,

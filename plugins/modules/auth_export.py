@@ -103,7 +103,18 @@ options:
   backup_file:
     description:
       - The C(.dump) file to read with O(source=backup).
+      - It may be age-encrypted (a sealed copy from C(<backup_dir>/.sealed/), with its encrypted manifest beside
+        it); it is then decrypted with O(identity_file) or O(identity) into a private temporary directory that
+        is removed before the export is written.
     type: path
+  identity_file:
+    description:
+      - File holding the age identity that opens an encrypted O(backup_file) (docs/encryption.md).
+    type: path
+  identity:
+    description:
+      - The identity's content instead of a file (for example from ansible-vault). Never logged.
+    type: str
   state_file:
     description:
       - A failover state file (see M(baileys.resilience.failover_state)) in which a successful export records what
@@ -258,7 +269,7 @@ duration:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.baileys.resilience.plugins.module_utils import (
-    authstate, backup, failover_state, modresult, pgconn)
+    agecrypt, authstate, backup, failover_state, modresult, pgconn)
 
 
 def main():
@@ -279,11 +290,15 @@ def main():
             pg_bin_dir=dict(type="path"),
             state_file=dict(type="path"),
             state_source=dict(type="dict", default={}),
+            identity_file=dict(type="path"),
+            identity=dict(type="str", no_log=True),
         ),
         required_if=[("source", "backup", ["backup_file"])],
+        mutually_exclusive=[("identity_file", "identity")],
         supports_check_mode=True,
     )
     p = module.params
+    module.no_log_values.update(pgconn.secret_values(p))  # connect_params' secret keys (not the dict)
     conn_params, store_params = pgconn.split_params(p)
     try:
         opts = authstate.ExportOptions(
@@ -291,15 +306,16 @@ def main():
             mode=p["mode"], directory_mode=p["directory_mode"], check_mode=module.check_mode, diff=module._diff,
         )
         if p["source"] == "backup":
+            identities = agecrypt.load_identities(p["identity_file"], p["identity"])
             snapshot, states = backup.read_backup_states(p["backup_file"], store_params, p["companies"],
-                                                         p["pg_bin_dir"])
+                                                         p["pg_bin_dir"], identities=identities)
             opts.source_label = snapshot.get("source", "backup")
             result = authstate.export_states(states, opts, snapshot)
             result["server_version_num"] = snapshot.get("server_version_num")
             result["backup_file"] = p["backup_file"]
         else:
             result = authstate.export_from_database(conn_params, store_params, opts, p["companies"])
-    except (authstate.AuthStateError, pgconn.PgError, backup.BackupError) as exc:
+    except (authstate.AuthStateError, pgconn.PgError, backup.BackupError, agecrypt.AgeError) as exc:
         module.fail_json(msg=str(exc))
     if p["state_file"] and not module.check_mode:
         source = dict(p["state_source"], kind=p["state_source"].get("kind") or p["source"],

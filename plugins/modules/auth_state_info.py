@@ -174,6 +174,7 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    module.no_log_values.update(pgconn.secret_values(p))  # connect_params' secret keys (not the dict)
     conn_params, store_params = pgconn.split_params(p)
     try:
         result = health.collect(conn_params, store_params, backup_dir=p["backup_dir"], backup_prefix=p["backup_prefix"],

@@ -54,6 +54,20 @@ options:
     description:
       - Directory holding C(pg_restore). Default, the newest C(/usr/lib/postgresql/*/bin).
     type: path
+  identity_file:
+    description:
+      - File holding the age identity that opens an encrypted O(backup_file) (a sealed copy from
+        C(<backup_dir>/.sealed/), or objects downloaded as they are, with the encrypted manifest beside it).
+        The backup is decrypted into a private temporary directory (removed afterwards) and tested as usual;
+        RV(decrypted) is then true. See docs/encryption.md.
+      - Without an identity, an encrypted backup is only checked for integrity (its ciphertext sha256 and size
+        against the seal record C(<backup_file>.seal.json)); nothing is restored, RV(decrypted) is false and
+        RV(msg) says so plainly.
+    type: path
+  identity:
+    description:
+      - The identity's content instead of a file (for example from ansible-vault). Never logged.
+    type: str
   keep_database:
     description:
       - Keep the restored database for inspection instead of dropping it (the task then reports C(changed)).
@@ -97,6 +111,15 @@ backup_file:
   description: Same as RV(backup), under the option's name (for O(backup_dir) it names the file chosen).
   returned: always
   type: str
+encrypted:
+  description: Whether the backup file is age ciphertext.
+  returned: always
+  type: bool
+decrypted:
+  description: Whether it was decrypted and tested. C(false) for an encrypted backup tested without an identity
+    (only its ciphertext integrity was checked; RV(msg) says so).
+  returned: always
+  type: bool
 manifest:
   description: The backup's manifest.
   returned: always
@@ -130,7 +153,7 @@ duration:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.baileys.resilience.plugins.module_utils import backup, pgconn
+from ansible_collections.baileys.resilience.plugins.module_utils import agecrypt, backup, backupseal, pgconn
 
 
 def main():
@@ -142,14 +165,17 @@ def main():
         prefix=dict(type="str", default=backup.DEFAULT_PREFIX),
         pg_bin_dir=dict(type="path"),
         keep_database=dict(type="bool", default=False),
+        identity_file=dict(type="path"),
+        identity=dict(type="str", no_log=True),
     )
     module = AnsibleModule(
         argument_spec=spec,
         required_one_of=[("backup_file", "backup_dir")],
-        mutually_exclusive=[("backup_file", "backup_dir")],
+        mutually_exclusive=[("backup_file", "backup_dir"), ("identity_file", "identity")],
         supports_check_mode=True,
     )
     p = module.params
+    module.no_log_values.update(pgconn.secret_values(p))  # connect_params' secret keys (not the dict)
     conn_params, store_params = pgconn.split_params(p)
     try:
         path = p["backup_file"]
@@ -158,9 +184,24 @@ def main():
             if entry is None:
                 module.fail_json(msg="no valid backup in %s" % p["backup_dir"], ok=False)
             path = entry["path"]
-        result = backup.verify_backup(path, conn_params, store_params, pg_bin_dir=p["pg_bin_dir"],
-                                      keep_database=p["keep_database"], check_only=module.check_mode)
-    except (backup.BackupError, pgconn.PgError) as exc:
+        if backupseal.is_encrypted_backup(path):
+            identities = agecrypt.load_identities(p["identity_file"], p["identity"])
+            if not identities:
+                result = backupseal.ciphertext_check(path)
+                result.update(backup_file=path, changed=False)
+                if not result["ok"]:
+                    module.fail_json(**result)
+                module.warn(result["msg"])
+                module.exit_json(**result)
+            with backupseal.decrypted_backup(path, identities) as plain:
+                result = backup.verify_backup(plain, conn_params, store_params, pg_bin_dir=p["pg_bin_dir"],
+                                              keep_database=p["keep_database"], check_only=module.check_mode)
+            result.update(backup=path, encrypted=True, decrypted=True)
+        else:
+            result = backup.verify_backup(path, conn_params, store_params, pg_bin_dir=p["pg_bin_dir"],
+                                          keep_database=p["keep_database"], check_only=module.check_mode)
+            result.update(encrypted=False, decrypted=False)
+    except (backup.BackupError, pgconn.PgError, agecrypt.AgeError) as exc:
         module.fail_json(msg=pgconn._scrub(exc, conn_params), ok=False)
     result["backup_file"] = result["backup"]
     result["changed"] = bool(p["keep_database"] and result.get("restored"))

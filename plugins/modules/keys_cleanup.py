@@ -223,6 +223,7 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    module.no_log_values.update(pgconn.secret_values(p))  # connect_params' secret keys (not the dict)
     conn_params, store_params = pgconn.split_params(p)
     try:
         result = cleanup.cleanup_keys(

@@ -60,6 +60,20 @@ options:
     type: str
     default: newest
     choices: [newest, target_order]
+  identity_file:
+    description:
+      - File holding the age identity (C(AGE-SECRET-KEY-1...), as C(age-keygen) writes it) that opens encrypted
+        backups (docs/encryption.md). The manifest is decrypted in memory, the dump while it downloads, into the
+        same 0600 temporary file; the ciphertext is checked against the sealed manifest and the plaintext against
+        the manifest, and the manifest written beside the dump is the original one, byte for byte.
+      - An identity that is not one of the recipients fails the candidate with a message naming the recipient
+        fingerprints the backup was encrypted to, and leaves no file.
+      - Without an identity, encrypted backups are not candidates and the error says so.
+    type: path
+  identity:
+    description:
+      - The identity's content instead of a file (for example from ansible-vault). Never logged.
+    type: str
 notes:
   - The credentials need C(s3:ListBucket) and C(s3:GetObject) (and C(kms:Decrypt) for C(aws:kms) objects).
   - Options of the targets that only matter for uploads (O(targets[].storage_class), O(targets[].sse),
@@ -126,12 +140,21 @@ key:
 tried:
   description: Every target listing that failed and every candidate tried, in order, with the outcome
     (C(fetched), C(present) - already in O(dest_dir) and verified, C(would_fetch) in check mode,
-    C(corrupt), C(invalid), C(error), C(unreachable)).
+    C(corrupt), C(invalid), C(wrong_identity), C(undecryptable), C(error), C(unreachable)).
   returned: always
   type: list
   elements: dict
   sample: [{target: primary, key: whatsapp/baileys-auth-20261124T030000Z.dump, outcome: corrupt,
             error: "sha256 ab12..., manifest says cd34..."}]
+decrypted:
+  description: Whether the backup was encrypted and decrypted with the identity given.
+  returned: success
+  type: bool
+recipients:
+  description: Fingerprints of the recipients an encrypted backup was made for (empty for a plaintext one).
+  returned: success
+  type: list
+  elements: str
 downloaded_bytes:
   description: Bytes downloaded for the chosen backup.
   returned: always
@@ -159,18 +182,22 @@ def main():
         backup_name=dict(type="str"),
         selection=dict(type="str", default="newest", choices=list(s3.SELECTIONS)),
         targets=dict(type="list", elements="dict", required=True, options=s3.TARGET_OPTIONS),
+        identity_file=dict(type="path"),
+        identity=dict(type="str", no_log=True),
     )
     argument_spec.update(s3.TRANSFER_ARGSPEC)
-    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True,
+                           mutually_exclusive=[("identity_file", "identity")])
     p = module.params
     try:
         settings = s3.Settings.from_params(p, check_mode=module.check_mode)
+        identities = s3.load_identities(p["identity_file"], p["identity"])
         result = s3.fetch(p["dest_dir"], p["targets"], settings, name_prefix=p["name_prefix"],
-                          backup_name=p["backup_name"], selection=p["selection"])
+                          backup_name=p["backup_name"], selection=p["selection"], identities=identities)
     except s3.FetchError as exc:
         modresult.publish_warnings(module, exc.result)
         module.fail_json(msg=str(exc), **exc.result)
-    except s3.S3Error as exc:
+    except (s3.S3Error, s3.AgeError) as exc:
         module.fail_json(msg=str(exc))
     modresult.publish_warnings(module, result)
     module.exit_json(**result)

@@ -81,6 +81,35 @@ options:
         not hash to its sha256. Costs one full download per object and run.
     type: bool
     default: false
+  encryption:
+    description:
+      - Client-side age encryption of everything uploaded (docs/encryption.md). With at least one recipient,
+        each backup is first sealed once (its dump hashed against the manifest, then encrypted with the
+        Python package C(pyrage) into C(<backup_dir>/.sealed/), 0600) and only the sealed copies are uploaded;
+        every body is checked for the C(age-encryption.org/v1) header before it is sent. The manifest object is
+        encrypted too (it carries the ciphertext's sha256 and the recipients' fingerprints); objects carry the
+        fingerprints in the metadata C(age-recipients).
+      - An unknown option name, a recipient that does not parse, or O(encryption.required) without recipients
+        fails the task before anything is read or uploaded.
+    type: dict
+    suboptions:
+      recipients:
+        description:
+          - age X25519 public keys (C(age1...)), for example an operations key and an offline break-glass key.
+            Only public keys; a secret key here is refused.
+        type: list
+        elements: str
+        default: []
+      required:
+        description:
+          - Refuse to run without recipients (no silent plaintext run).
+        type: bool
+        default: false
+      encrypt_local:
+        description:
+          - Reserved. C(true) is refused for now; local dumps stay plaintext with mode 0600.
+        type: bool
+        default: false
 notes:
   - The credentials need C(s3:ListBucket) on the bucket (without it S3 answers 403 instead of 404 for a
     missing object) and C(s3:GetObject) and C(s3:PutObject) on the prefix; with C(aws:kms),
@@ -204,6 +233,15 @@ warnings_list:
   returned: always
   type: list
   elements: str
+encrypted:
+  description: Whether the objects were sealed with age before upload (recipients were given).
+  returned: always
+  type: bool
+recipients:
+  description: Fingerprints (C(age:<16 hex>), the sha256 of each recipient) of the recipients the objects are for.
+  returned: always
+  type: list
+  elements: str
 duration:
   description: Seconds the run took.
   returned: always
@@ -225,6 +263,10 @@ def main():
         verify_download=dict(type="bool", default=False),
         verify_existing=dict(type="bool", default=False),
         backup_concurrency=dict(type="int", default=4),
+        encryption=dict(type="dict", options=dict(
+            recipients=dict(type="list", elements="str", default=[]),
+            required=dict(type="bool", default=False),
+            encrypt_local=dict(type="bool", default=False))),
     )
     argument_spec.update(s3.TRANSFER_ARGSPEC)
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
@@ -234,8 +276,10 @@ def main():
             p, multipart_threshold=p["multipart_threshold"], multipart_chunksize=p["multipart_chunksize"],
             verify_download=p["verify_download"], verify_existing=p["verify_existing"],
             backup_concurrency=p["backup_concurrency"], check_mode=module.check_mode)
-        result = s3.replicate(p["backup_dir"], p["targets"], settings, name_prefix=p["name_prefix"])
-    except s3.S3Error as exc:
+        encryption = s3.Encryption.from_options(p["encryption"])
+        result = s3.replicate(p["backup_dir"], p["targets"], settings, name_prefix=p["name_prefix"],
+                              encryption=encryption)
+    except (s3.S3Error, s3.AgeError) as exc:
         module.fail_json(msg=str(exc))
     modresult.publish_warnings(module, result)
     if not result["ok"]:

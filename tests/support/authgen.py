@@ -37,7 +37,7 @@ class Gen:
         return self.rnd.choice(FORMS) if self.form == "mixed" else self.form
 
     def buf(self, n):
-        data = bytes(self.rnd.getrandbits(8) for _ in range(n))
+        data = bytes(self.rnd.getrandbits(8) for _byte in range(n))
         form = self._form()
         if form == "array":
             return {"type": "Buffer", "data": list(data)}
@@ -62,7 +62,7 @@ class Gen:
             "signedIdentityKey": self.keypair(),
             "signedPreKey": {"keyPair": self.keypair(), "signature": self.buf(64), "keyId": 1},
             "registrationId": self.rnd.randrange(1, 16380),
-            "advSecretKey": base64.b64encode(bytes(self.rnd.getrandbits(8) for _ in range(32))).decode(),
+            "advSecretKey": base64.b64encode(bytes(self.rnd.getrandbits(8) for _byte in range(32))).decode(),
             "processedHistoryMessages": [
                 {"key": {"remoteJid": me + "@s.whatsapp.net", "fromMe": True, "id": "3EB0%012X" % i},
                  "messageTimestamp": 1760000000 + i} for i in range(3)
@@ -101,15 +101,15 @@ class Gen:
             group = "1203630%011d@g.us" % r.randrange(10**10)
             return group, {"%s:%d@s.whatsapp.net" % (self.phone(), d): True for d in range(r.randrange(1, 6))}
         if key_type == "app-state-sync-key":
-            key_id = base64.b64encode(bytes(r.getrandbits(8) for _ in range(6))).decode()
+            key_id = base64.b64encode(bytes(r.getrandbits(8) for _byte in range(6))).decode()
             return key_id, {"keyData": self.buf(32), "fingerprint": {"rawId": r.randrange(10**9), "currentIndex": 3,
                                                                      "deviceIndexes": [0, 1, 3]},
                             "timestamp": str(1760000000000 + i)}
         if key_type == "app-state-sync-version":
             name = ("critical_block", "critical_unblock_low", "regular", "regular_high", "regular_low")[i % 5]
             return name, {"version": r.randrange(1, 900), "hash": self.buf(128),
-                          "indexValueMap": {base64.b64encode(bytes(r.getrandbits(8) for _ in range(32))).decode():
-                                            {"valueMac": self.buf(32)} for _ in range(4)}}
+                          "indexValueMap": {base64.b64encode(bytes(r.getrandbits(8) for _byte in range(32))).decode():
+                                            {"valueMac": self.buf(32)} for _entry in range(4)}}
         if key_type == "lid-mapping":
             if i % 2:
                 return "%s_reverse" % self.lid(), self.phone()

@@ -41,7 +41,7 @@ def find_node():
                 pytest.skip("compat: tests/compat/node_modules is missing and 'npm' is not on PATH to run npm ci")
             try:
                 proc = subprocess.run([npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
-                                      cwd=COMPAT, capture_output=True, text=True, timeout=600)
+                                      cwd=COMPAT, capture_output=True, text=True, timeout=600, check=False)
             except subprocess.TimeoutExpired:
                 pytest.skip("compat: tests/compat/node_modules is missing and 'npm ci' timed out")
             if proc.returncode != 0:
@@ -56,7 +56,8 @@ def find_node():
 
 def run_node(node, script, *args):
     """Run a tests/compat script from tests/compat (so the pinned package resolves); its stdout as JSON."""
-    proc = subprocess.run([node, script, *args], cwd=COMPAT, capture_output=True, text=True, timeout=NODE_TIMEOUT)
+    proc = subprocess.run([node, script, *args], cwd=COMPAT, capture_output=True, text=True, timeout=NODE_TIMEOUT,
+                          check=False)
     assert proc.returncode == 0, "node %s failed (%d):\n%s" % (script, proc.returncode, proc.stderr[-4000:])
     return json.loads(proc.stdout)
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Check a writer journal against the final auth state: nothing lost, nothing resurrected, nothing wrong.
 
 The service stand-in (tests/standin/server.mjs, ``WRITER=on``) appends one JSON line per write the store
@@ -105,6 +104,7 @@ def _entry(obj, where):
     missing = [k for k in _REQUIRED if k not in obj]
     if missing:
         raise InputError("%s: missing %s" % (where, ", ".join(missing)))
+    # pylint: disable-next=unidiomatic-typecheck  # exactly int: JSON true/false (bools, an int subclass) are no seq
     if type(obj["seq"]) is not int:
         raise InputError("%s: seq %r is not an integer" % (where, obj["seq"]))
     if type(obj["t"]) not in (int, float):

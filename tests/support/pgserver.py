@@ -71,7 +71,8 @@ class PgServer:
 
     @property
     def version(self):
-        out = subprocess.run([os.path.join(self.bindir, "postgres"), "--version"], capture_output=True, text=True)
+        out = subprocess.run([os.path.join(self.bindir, "postgres"), "--version"], capture_output=True, text=True,
+                             check=False)
         return out.stdout.strip()
 
     def start(self):
@@ -110,7 +111,7 @@ class PgServer:
     def stop(self, mode="fast"):
         if os.path.exists(os.path.join(self.data, "postmaster.pid")):
             subprocess.run(self._cmd([os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-m", mode, "-w",
-                                      "stop"]), capture_output=True)
+                                      "stop"]), capture_output=True, check=False)
 
     def params(self, dbname="postgres", user=SUPERUSER, password=SUPERUSER_PASSWORD):
         """Module-style connection options over TCP with a password."""

@@ -15,8 +15,10 @@ PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resol
 SEED = molecule_seed.expected("backup")
 # testinfra's ansible backend has no podman support: it would run every check as an ansible ad-hoc
 # command (seconds each); its podman backend is a plain `podman exec` of the platform's container.
-APP = "podman://backup-trixie"
-PG_HOST = "backup-pg18"
+# the same tests run with a Debian 13 and a Debian 12 app host (scripts/molecule.sh: backup, backup@bookworm)
+DISTRO = os.environ.get("BAILEYS_TEST_DISTRO", "trixie")
+APP = "podman://backup-%s" % DISTRO
+PG_HOST = "backup-pg18-%s" % DISTRO
 PG_PASSWORD = os.environ.get("BAILEYS_TEST_PG_PASSWORD", "molecule-pg18")
 DB = SEED["database"]
 TOOL = "/usr/local/bin/baileys-resilience"
@@ -24,10 +26,16 @@ CONFIG_DIR = "/etc/baileys-resilience"
 BACKUP_DIR = "/var/backups/baileys-resilience"
 LOG_DIR = "/var/log/baileys-resilience"
 BIN18 = "/usr/lib/postgresql/18/bin"
-BIN17 = "/usr/lib/postgresql/17/bin"
+OLD_CLIENTS = {"trixie": 17, "bookworm": 15}  # each distribution's own PostgreSQL client: older than the server
+OLD_MAJOR = OLD_CLIENTS[DISTRO]
+BIN_OLD = "/usr/lib/postgresql/%d/bin" % OLD_MAJOR
+BIN17 = BIN_OLD  # the name the tests used when only trixie ran
 BACKUP_CRON = "/etc/cron.d/baileys-resilience-backup"
 CLEANUP_CRON = "/etc/cron.d/baileys-resilience-cleanup"
 HEALTH_CRON = "/etc/cron.d/baileys-resilience-health"  # the cli role owns the health job
+VENV_PYTHON = "/opt/baileys-resilience/venv/bin/python"  # the host command's own runtime (cli role)
+# the local alert receiver (tests/support/alert_receiver.py, started by prepare.yml): Sentry and Telegram land here
+ALERTS_LOG = "/var/tmp/baileys-alerts.jsonl"
 PREFIX = "baileys-auth"
 DUMP_RE = re.compile(r"^%s-(\d{8}T\d{6}Z)\.dump$" % re.escape(PREFIX))
 

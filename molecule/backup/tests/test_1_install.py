@@ -1,10 +1,12 @@
 """Verify of the backup scenario, part 1: what the roles installed (testinfra, on the app host)."""
 
 import hashlib
+import json
+import shlex
 
 import yaml
 from scenario import (APP, BACKUP_CRON, BACKUP_DIR, BIN18, CLEANUP_CRON, CONFIG_DIR, HEALTH_CRON, LOG_DIR, PG_HOST,
-                      PROJECT, TOOL, cron_job, run)
+                      PROJECT, TOOL, VENV_PYTHON, cron_job, run)
 
 testinfra_hosts = [APP]
 
@@ -66,9 +68,15 @@ def test_config_and_fragments_are_0600(host):
 def test_tool_is_installed(host):
     cmd = host.file(TOOL)
     assert cmd.exists and cmd.user == "root" and cmd.mode == 0o755
-    assert cmd.content_string.startswith("#!/usr/bin/python3 -I\n")
-    for pkg in ("python3-psycopg", "python3-yaml", "cron"):
-        assert host.package(pkg).is_installed, pkg
+    # the host command runs in its own virtual environment (cli_runtime: venv), the same pinned versions on
+    # Debian 12 and 13; Sentry is installed because a DSN is set (sentry-sdk 2: check-ins / crons)
+    assert cmd.content_string.startswith("#!%s -I\n" % VENV_PYTHON)
+    assert host.package("cron").is_installed
+    versions = json.loads(run(host, "%s -c %s" % (VENV_PYTHON, shlex.quote(
+        "import json, importlib.metadata as m; print(json.dumps({p: m.version(p) for p in "
+        "('sentry-sdk', 'psycopg', 'PyYAML')}))"))).stdout)
+    assert int(versions["sentry-sdk"].split(".")[0]) >= 2, versions
+    run(host, "%s -c 'import sentry_sdk.crons, psycopg, yaml'" % VENV_PYTHON)
     out = run(host, "%s --help" % TOOL).stdout
     for command in ("backup", "verify", "cleanup", "health", "export", "import"):
         assert command in out

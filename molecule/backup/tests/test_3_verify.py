@@ -3,8 +3,8 @@
 import json
 import shlex
 
-from scenario import (APP, BACKUP_CRON, BACKUP_DIR, BIN17, PG_HOST, PG_PASSWORD, SEED, TOOL, listing, log_records, psql,
-                      run, run_like_cron)
+from scenario import (APP, BACKUP_CRON, BACKUP_DIR, BIN17, OLD_MAJOR, PG_HOST, PG_PASSWORD, SEED, TOOL, listing,
+                      log_records, psql, run, run_like_cron)
 
 testinfra_hosts = [APP]
 
@@ -36,9 +36,9 @@ def test_restore_test_details(host):
     assert _verify_databases(host) == []  # the throwaway database is gone
 
 
-def test_client_17_against_server_18_fails_and_writes_nothing(host):
+def test_older_client_against_server_18_fails_and_writes_nothing(host):
     version = run(host, "%s/pg_dump --version" % BIN17).stdout
-    assert version.startswith("pg_dump (PostgreSQL) 17."), version
+    assert version.startswith("pg_dump (PostgreSQL) %d." % OLD_MAJOR), version
     config = "\n".join([
         "login_host: %s" % PG_HOST, "login_user: postgres", "login_password: %s" % json.dumps(PG_PASSWORD),
         "login_db: whatsapp", "pg_bin_dir: %s" % BIN17, "backup_dir: %s" % BACKUP_DIR, ""])
@@ -51,7 +51,7 @@ def test_client_17_against_server_18_fails_and_writes_nothing(host):
     assert result.rc == 1, out
     summary = [line for line in result.stdout.splitlines() if line.startswith("baileys-resilience backup:")]
     assert summary, out
-    assert "(PostgreSQL) 17." in summary[0] and "(major 17)" in summary[0], summary
+    assert "(PostgreSQL) %d." % OLD_MAJOR in summary[0] and "(major %d)" % OLD_MAJOR in summary[0], summary
     assert "PostgreSQL 18." in summary[0] and "(major 18)" in summary[0], summary
     assert "is older than the server" in summary[0], summary
     after = listing(host)

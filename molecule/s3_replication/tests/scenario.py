@@ -1,9 +1,11 @@
 """Helpers shared by the s3_replication scenario's verifiers (testinfra, run on the controller)."""
 
+import hashlib
 import json
 import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 # tests/support (the package `support`) is on PYTHONPATH: .config/molecule/config.yml, verifier.env
@@ -42,6 +44,28 @@ TARGETS = [
     {"name": "dr-region", "bucket": "baileys-molecule-us", "region": "us-east-1", "prefix": "prod/",
      "configured": False},
 ]
+
+
+# encryption on (converge.yml): the operator's identity and recipient, made on the controller by prepare.yml
+EPHEMERAL = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "."))
+IDENTITY_FILE = EPHEMERAL / "age-identity.txt"
+RECIPIENT = (EPHEMERAL / "age-recipient.txt").read_text().strip() if (EPHEMERAL / "age-recipient.txt").exists() else ""
+AGE_HEADER = b"age-encryption.org/v1"
+SEALED_DIR = BACKUP_DIR + "/.sealed"
+# the plaintext path, kept tested: one `replicate` and one `fetch` with a config without recipients, to a bucket of
+# its own (test_3_dr_restore.py), so that "every object of the targets' buckets is ciphertext" stays exact
+PLAIN_BUCKET = "baileys-molecule-plain"
+
+
+def fingerprint(recipient):
+    """agecrypt.fingerprint: 'age:' + the first 16 hex digits of the sha256 of the age1... text."""
+    return "age:" + hashlib.sha256(recipient.encode("ascii")).hexdigest()[:16]
+
+
+def put_file(name, path, content):
+    """Write content to path in container name, 0600 from its creation (umask 077), through stdin."""
+    subprocess.run(["podman", "exec", "-i", name, "sh", "-c", "umask 077 && cat > %s" % shlex.quote(path)],
+                   input=content.encode(), check=True)
 
 
 def s3_client(region):

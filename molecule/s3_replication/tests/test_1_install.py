@@ -2,8 +2,8 @@
 
 import pytest
 import yaml
-from scenario import (ACCESS_KEY, APP, BACKUP_CRON, CONFIG_DIR, CREDENTIALS_DIR, S3_CRON, SECRET_KEY, TARGETS, TOOL,
-                      cron_job, s3_client)
+from scenario import (ACCESS_KEY, APP, BACKUP_CRON, BACKUP_DIR, CONFIG_DIR, CREDENTIALS_DIR, RECIPIENT, S3_CRON,
+                      SECRET_KEY, TARGETS, TOOL, cron_job, s3_client)
 
 testinfra_hosts = [APP]
 
@@ -50,8 +50,20 @@ def test_config_fragment_has_no_secret(host):
     assert cfg["after_backup"] is True
 
 
-def test_tool_has_boto3(host):
-    assert host.run("/usr/bin/python3 -c 'import boto3'").rc == 0
+def test_tool_has_boto3_and_pyrage(host):
+    # the command's own venv (cli role: cli_install_s3 and cli_install_encryption from the s3_replication settings)
+    python = host.file(TOOL).content_string.splitlines()[0][2:].split()[0]
+    assert python == "/opt/baileys-resilience/venv/bin/python", python
+    assert host.run("%s -I -c 'import boto3, pyrage'" % python).rc == 0
+
+
+def test_encryption_configured_and_no_identity_on_the_host(host):
+    cfg = yaml.safe_load(host.file("%s/config.d/s3_replication.yml" % CONFIG_DIR).content_string)["s3"]
+    assert cfg["encryption"] == {"recipients": [RECIPIENT], "required": True}, cfg["encryption"]
+    # identities (private keys) never go on the backup host: none in its config, install or backup directories
+    found = host.run("grep -rIl AGE-SECRET-KEY %s /opt/baileys-resilience/lib %s /root || true"
+                     % (CONFIG_DIR, BACKUP_DIR))
+    assert found.stdout.strip() == "", found.stdout
 
 
 @pytest.mark.parametrize("target", [t for t in TARGETS if t["configured"]], ids=lambda t: t["name"])

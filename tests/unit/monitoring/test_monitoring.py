@@ -250,7 +250,7 @@ def test_alerts_have_severity_and_annotations():
         annotations = rule.get("annotations", {})
         for key in ("summary", "description", "runbook_url"):
             assert annotations.get(key), "%s: no %s" % (rule["alert"], key)
-        doc, _, anchor = annotations["runbook_url"].partition("#")
+        doc, _sep, anchor = annotations["runbook_url"].partition("#")
         assert anchor, annotations["runbook_url"]
         assert (ROOT / doc).is_file(), annotations["runbook_url"]
         assert anchor in _anchors(ROOT / doc), "%s: no heading for #%s in %s" % (rule["alert"], anchor, doc)
@@ -292,7 +292,7 @@ def test_dashboard_shape():
     titles = " ".join(p["title"] for p in panels)
     for word in ("P50 / P95 / P99", "pre-keys per company", "Backup age", "replication", "Alert state"):
         assert word in titles, word
-    exprs = " ".join(e for _, e in dashboard_queries(dashboard))
+    exprs = " ".join(e for _title, e in dashboard_queries(dashboard))
     for q in ("0.50", "0.95", "0.99"):
         quantile = "histogram_quantile(%s, sum by (instance, le) (rate(baileys_resilience_probe_duration_seconds_bucket"
         assert quantile % q in exprs, q
@@ -313,7 +313,7 @@ def promtool():
 
 def run_promtool(*args):
     proc = subprocess.run([promtool(), *args], cwd=str(ROOT), capture_output=True, text=True,
-                          timeout=PROMTOOL_TIMEOUT)
+                          timeout=PROMTOOL_TIMEOUT, check=False)
     assert proc.returncode == 0, "promtool %s:\n%s%s" % (" ".join(args), proc.stdout, proc.stderr)
     return proc.stdout
 
