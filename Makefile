@@ -90,6 +90,7 @@ demo: deps
 
 bench: deps
 	$(PY) benchmarks/run.py
+	BAILEYS_RESILIENCE_PG_DRIVER=psycopg2 $(PY) benchmarks/run.py
 	$(PY) benchmarks/bench_s3.py
 
 build: collection

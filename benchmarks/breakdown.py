@@ -60,7 +60,7 @@ def db_ours(params, datas):
 
 
 def db_naive(params, rows, creds):
-    Jsonb = pgconn.psycopg.types.json.Jsonb
+    from psycopg.types.json import Jsonb  # the harness loads with psycopg 3
     conn = pgconn.connect(params, autocommit=True)
     conn.prepare_threshold = None  # as run.naive_import
     with conn.cursor() as cur:

@@ -165,4 +165,28 @@ if [ "$ready" != true ]; then
     podman logs --tail 20 "$MIRROR_CONTAINER" >&2 || true
     die "the apt mirror container $MIRROR_CONTAINER does not answer on http://127.0.0.1:$MIRROR_PORT/"
 fi
-log "ready: images $IMG_PREFIX/{bookworm,trixie,pg18}:latest, mirror http://host.containers.internal:$MIRROR_PORT"
+
+# ---------------------------------------------------------------- 5. wheelhouse
+# The test containers reach the package index only through this sandbox's TLS proxy, whose CA they do not
+# trust; the cli role's offline path (cli_wheelhouse: a controller directory copied to the host, pip --no-index)
+# is what the scenarios use: every pinned wheel for CPython 3.11 (Debian 12) and 3.13 (Debian 13), x86_64.
+# Rebuilt only when the pins change (their hash in .build-hash).
+WHEELS=$CACHE/wheelhouse
+REQS=roles/cli/files/requirements
+wheels_hash=$(cat "$REQS"/*.txt | sha256sum | cut -c1-16)
+if [ "$(cat "$WHEELS/.build-hash" 2>/dev/null)" != "$wheels_hash" ]; then
+    log "building the wheelhouse $WHEELS (CPython 3.11 and 3.13) from $REQS/all.txt"
+    rm -rf "$WHEELS.new"
+    mkdir -p "$WHEELS.new"
+    for pyver in 3.11 3.13; do
+        PIP_FIND_LINKS='' "$ROOT/.venv/bin/python" -m pip download --quiet --disable-pip-version-check \
+            -r "$REQS/all.txt" -d "$WHEELS.new" --only-binary=:all: --python-version "$pyver" \
+            --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+            --platform manylinux_2_28_x86_64 \
+            || die "cannot download the wheels for CPython $pyver (package index reachable?)"
+    done
+    echo "$wheels_hash" > "$WHEELS.new/.build-hash"
+    rm -rf "$WHEELS"
+    mv "$WHEELS.new" "$WHEELS"
+fi
+log "ready: images $IMG_PREFIX/{bookworm,trixie,pg18}:latest, mirror http://host.containers.internal:$MIRROR_PORT, wheelhouse $WHEELS"

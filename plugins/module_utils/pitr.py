@@ -263,8 +263,25 @@ class Barman:
         return data.get(self.server, data)
 
     def directories(self):
-        """The server's directories from ``barman show-servers`` (``streaming_wals_directory``, ``wals_directory``,
-        ``backup_directory``...)."""
+        """The server's directories (``streaming_wals_directory``...): read from Barman's configuration files
+        (``show-servers`` connects to the server, which hangs for its connect timeouts when the server is dead),
+        else from ``barman show-servers``."""
+        import configparser
+        import glob
+
+        try:
+            parser = configparser.ConfigParser(interpolation=None)
+            parser.read(self.config)
+            conf_dir = parser.get("barman", "configuration_files_directory", fallback="")
+            if conf_dir:
+                parser.read(sorted(glob.glob(os.path.join(conf_dir, "*.conf"))))
+            home = parser.get("barman", "barman_home")
+            backup_dir = parser.get(self.server, "backup_directory", fallback=os.path.join(home, self.server))
+            streaming = parser.get(self.server, "streaming_wals_directory",
+                                   fallback=os.path.join(backup_dir, "streaming"))
+            return {"backup_directory": backup_dir, "streaming_wals_directory": streaming}
+        except (configparser.Error, OSError):
+            pass
         data = self.json("show-servers", self.server, timeout=120)
         conf = data.get(self.server, data)
         if not conf.get("streaming_wals_directory"):

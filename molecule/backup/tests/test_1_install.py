@@ -80,13 +80,15 @@ def test_tool_is_installed(host):
     out = run(host, "%s --help" % TOOL).stdout
     for command in ("backup", "verify", "cleanup", "health", "export", "import"):
         assert command in out
-    # the installed package is the collection's module_utils, byte for byte, and nothing else
-    lib = "/opt/baileys-resilience/lib/baileys_resilience"
+    # the installed package is the collection's module_utils, byte for byte, and nothing else (one zip)
+    pkg = "/opt/baileys-resilience/lib/baileys_resilience.zip"
+    f = host.file(pkg)
+    assert f.user == "root" and f.mode == 0o644
+    installed = json.loads(run(host, "python3 -c %s %s" % (shlex.quote(
+        "import hashlib, json, sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); print(json.dumps("
+        "{i.filename: hashlib.sha256(z.read(i)).hexdigest() for i in z.infolist()}))"), pkg)).stdout)
     sources = sorted((PROJECT / "plugins" / "module_utils").glob("*.py"))
-    installed = dict(line.split()[::-1] for line in run(host, "cd %s && sha256sum *.py" % lib).stdout.splitlines())
-    expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sources}
-    expected["__init__.py"] = installed.get("__init__.py")
+    expected = {"baileys_resilience/" + p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sources}
+    expected["baileys_resilience/__init__.py"] = installed.get("baileys_resilience/__init__.py")
     assert installed == expected
-    for name in installed:
-        f = host.file("%s/%s" % (lib, name))
-        assert f.user == "root" and f.mode == 0o644, name
+    assert not host.file("/opt/baileys-resilience/lib/baileys_resilience").exists

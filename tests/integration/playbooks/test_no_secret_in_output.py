@@ -24,8 +24,8 @@ What runs for real, what only in check mode (and why):
   a new database on the real PostgreSQL), and in check mode (it fetches nothing; the restore step then fails
   on purpose: there is no downloaded file to restore; the output up to there is checked all the same).
 
-No playbook takes an age identity yet; it is set under the names a role would use, so that it is checked the day
-one does.
+dr_restore.yml takes an age identity (dr_restore_identity): a real one (pyrage) is in the inventory; it is also set
+under the names another role would use, so that it is checked the day one does.
 """
 from __future__ import annotations
 
@@ -56,7 +56,12 @@ SENTRY_KEY = "5e3b2c1a9d8f4e7a6b5c4d3e2f1a0b9c"
 SENTRY_DSN = "https://%s@o4507.ingest.sentry.invalid/4242" % SENTRY_KEY
 S3_ACCESS_KEY = "AKIAREC0GNISABLEKEY7"
 S3_SECRET_KEY = "Rec0gnisable/S3cretKey+777=xyz"
-AGE_IDENTITY = "AGE-SECRET-KEY-1QYQSZQGPQYQSZQGPQYQSZQGPQYQSZQGPQYQSZQGPQYQSZQGPQYQSXAGEID"
+try:  # a real age identity when pyrage is installed (dr_restore opens encrypted backups with it)
+    import pyrage
+
+    AGE_IDENTITY = str(pyrage.x25519.Identity.generate())
+except ImportError:
+    AGE_IDENTITY = "AGE-SECRET-KEY-1QYQSZQGPQYQSZQGPQYQSZQGPQYQSZQGPQYQSZQGPQYQSZQGPQYQSXAGEID"
 ENV_PGPASSWORD = "EnvPgPw77-<'&\">-x"
 VISIBLE = "br-visible-app-name"  # a connect_params value that is no secret: it must stay visible
 PGP_KEY = ("-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nmQINBFakenotarealkeyforthechecktest\n"
@@ -70,7 +75,7 @@ SECRETS = {
     "Sentry DSN key": (SENTRY_KEY, SENTRY_KEY),
     "S3 access key": (S3_ACCESS_KEY, S3_ACCESS_KEY),
     "S3 secret key": (S3_SECRET_KEY, "S3cretKey"),
-    "age identity": (AGE_IDENTITY, "QYQSXAGEID"),
+    "age identity": (AGE_IDENTITY, AGE_IDENTITY[len("AGE-SECRET-KEY-1"):][:24]),
     "PGPASSWORD of the environment file": (ENV_PGPASSWORD, "EnvPgPw77"),
 }
 
@@ -194,7 +199,8 @@ def world(ansible_env, pg, db, dbconn, secret_role, moto, tmp_path):
         # as in inventories/production: the role-only key configure_bucket, and the failover's S3 source
         "s3_replication_targets": [dict(target, configure_bucket=True)],
         "failover_s3_targets": "{{ s3_replication_targets }}",
-        # no role takes one yet: the names it would have
+        # dr_restore.yml takes the identity itself; the other names are those a role would use
+        "dr_restore_identity": AGE_IDENTITY,
         "cli_age_identity": AGE_IDENTITY, "s3_replication_age_identity": AGE_IDENTITY,
         "failover_age_identity": AGE_IDENTITY, "baileys_age_identity": AGE_IDENTITY,
     }
@@ -270,7 +276,7 @@ def test_export_import(world):
     rc, out = r.run("export_auth_state.yml", io_vars, *CHECK)
     assert rc == 0 and not sessions.exists(), out[-6000:]
     # -vvv shows the module's arguments: connect_params with its secret key masked, its other values as they are
-    assert re.search(r"sslpassword\W+\*{8}", out) and VISIBLE in out, out[-6000:]
+    assert re.search(r"sslpassword\W+(\*{8}|VALUE_SPECIFIED_IN_NO_LOG_PARAMETER)", out) and VISIBLE in out, out[-6000:]
     rc, out = r.run("export_auth_state.yml", io_vars, *REAL)
     assert rc == 0 and sessions.is_dir(), out[-6000:]
     rc, out = r.run("import_auth_state.yml", io_vars, *CHECK)
@@ -350,4 +356,4 @@ def test_pitr_restore_check_mode(world):
     """Check mode only: point-in-time recovery needs Barman and its base backups and WAL archive (the pitr role,
     molecule scenario pitr), which this machine has not; it runs up to where it can (its preflight on this host)."""
     rc, out = world.r.run("pitr_restore.yml", {"baileys_target": "localhost", "pitr_restore_action": "none"}, *CHECK)
-    assert "Recover into a scratch instance" in out, out[-6000:]
+    assert "Check the variables" in out, out[-6000:]

@@ -31,10 +31,13 @@ BAD_CHECKSUM = GOOD[:-1] + ("q" if GOOD[-1] != "q" else "p")
 
 
 @pytest.fixture
-def setup(ansible_env, host_pkg, moto, tmp_path):
+def setup(ansible_env, moto, tmp_path):
     install = tmp_path / "install"
     install.mkdir()
-    os.symlink(host_pkg, str(install / "lib"))  # <cli_install_dir>/lib/baileys_resilience
+    (install / "lib").mkdir()  # <cli_install_dir>/lib/baileys_resilience.zip, as the cli role packs it
+    subprocess.run([sys.executable, os.path.join(ROOT, "roles", "cli", "files", "pack_package.py"),
+                    os.path.join(ROOT, "plugins", "module_utils"), str(install / "lib" / "baileys_resilience.zip")],
+                   check=True)
     bucket = create_bucket(moto.url, "eu-west-1")
     group_vars = {
         "s3_replication_targets": [{"name": "primary", "bucket": bucket, "region": "eu-west-1",

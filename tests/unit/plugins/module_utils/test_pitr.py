@@ -74,3 +74,15 @@ def test_recover_refuses_before_touching_anything():
                             failover_mode="files")
     with pytest.raises(pitrscratch.RecoveryError, match="export_dest"):
         pitrscratch.recover(barman, action="export", companies=["acme"])
+
+
+def test_directories_from_the_config_files(tmp_path):
+    (tmp_path / "barman.d").mkdir()
+    (tmp_path / "barman.conf").write_text("[barman]\nbarman_home = /var/lib/barman\nconfiguration_files_directory = %s\n"
+                                          % (tmp_path / "barman.d"))
+    (tmp_path / "barman.d" / "baileys.conf").write_text("[baileys]\nbackup_method = postgres\n")
+    barman = pitr.Barman("/nonexistent/barman", str(tmp_path / "barman.conf"), "baileys")
+    assert barman.directories() == {"backup_directory": "/var/lib/barman/baileys",
+                                    "streaming_wals_directory": "/var/lib/barman/baileys/streaming"}
+    (tmp_path / "barman.d" / "baileys.conf").write_text("[baileys]\nstreaming_wals_directory = /srv/stream\n")
+    assert barman.directories()["streaming_wals_directory"] == "/srv/stream"
