@@ -73,9 +73,9 @@ class Writer(threading.Thread):
                 i += 7
                 seq = self.seq + 1
                 with conn.cursor() as cur:
-                    cur.execute("INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) VALUES (%s, 'bench', "
+                    cur.execute("INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) VALUES (%s, 'session', "
                                 "%s, %s) ON CONFLICT (company_id, key_type, key_id) DO UPDATE SET value = "
-                                "excluded.value", (company, "w-%d" % (i % 30), json.dumps({"seq": seq})))
+                                "excluded.value", (company, "bench-w-%d" % (i % 30), json.dumps({"seq": seq})))
                 conn.commit()
                 self.seq = seq
                 self.journal.append((seq, time.time()))
@@ -181,7 +181,7 @@ def main(argv=None):
     scratch = res_latest["scratch"]
     sc = pgconn.connect({"login_unix_socket": scratch["socket"], "login_port": scratch["port"],
                          "login_user": "postgres", "login_db": "whatsapp"}, autocommit=True)
-    recovered_seq = sc.execute("SELECT max((value->>'seq')::int) FROM whatsapp_keys WHERE key_type = 'bench'"
+    recovered_seq = sc.execute("SELECT max((value->>'seq')::int) FROM whatsapp_keys WHERE key_id LIKE 'bench-w-%'"
                                ).fetchone()[0] or 0
     sc.close()
     subprocess.run((["runuser", "-u", run_as, "--"] if os.geteuid() == 0 else []) +

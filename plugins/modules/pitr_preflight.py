@@ -24,6 +24,7 @@ author:
   - baileys.resilience contributors (!UNKNOWN)
 extends_documentation_fragment:
   - baileys.resilience.postgres
+  - baileys.resilience.store
 attributes:
   check_mode:
     support: full
@@ -123,6 +124,7 @@ def main():
     module = AnsibleModule(
         argument_spec=pgconn.argspec(
             pgconn.CONNECTION_ARGSPEC,
+            pgconn.STORE_ARGSPEC,  # the postgres module_defaults group sets them for every module: accepted
             replication_user=dict(type="str"),
             replication_password=dict(type="str", no_log=True),
             slot_name=dict(type="str", default=pitr.DEFAULT_SLOT),

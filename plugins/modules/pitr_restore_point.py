@@ -24,6 +24,7 @@ author:
   - baileys.resilience contributors (!UNKNOWN)
 extends_documentation_fragment:
   - baileys.resilience.postgres
+  - baileys.resilience.store
 attributes:
   check_mode:
     support: full
@@ -89,6 +90,7 @@ def main():
     module = AnsibleModule(
         argument_spec=pgconn.argspec(
             pgconn.CONNECTION_ARGSPEC,
+            pgconn.STORE_ARGSPEC,  # the postgres module_defaults group sets them for every module: accepted
             name=dict(type="str", required=True),
             only_with_slot=dict(type="str", default=""),
             required=dict(type="bool", default=True),
