@@ -114,7 +114,7 @@ def create_db(admin, pg, name):
     admin.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
     admin.execute('CREATE DATABASE "%s"' % name)
     params = pg.params(name)
-    conn = pgconn.connect(params)
+    conn = _harness_connect(params)
     pgconn.create_schema(conn, pgconn.Store())
     conn.commit()
     conn.close()
@@ -141,12 +141,19 @@ def count_files(root):
 # --------------------------------------------------------------------------- baselines
 
 
+def _harness_connect(params, autocommit=False):
+    """The harness's own connections (data, baselines, checks): psycopg 3 whatever the driver of the code measured
+    (BAILEYS_RESILIENCE_PG_DRIVER), so both drivers are measured against the same baselines."""
+    return psycopg.connect(autocommit=autocommit, **pgconn.libpq_params(params))
+
+
 def raw_limit_export(params, dest):
-    """The floor: stream the rows with COPY and write each value with open/write."""
+    """The floor: stream the rows with COPY and write each value with open/write (psycopg 3 whatever the driver
+    of the code measured: the floor is the same for both)."""
     os.mkdir(dest)
     made = set()
     n = 0
-    conn = pgconn.connect(params)
+    conn = psycopg.connect(**pgconn.libpq_params(params))
     try:
         with conn.cursor() as cur:
             with cur.copy("COPY (SELECT company_id, creds::text FROM whatsapp_auth) TO STDOUT") as cp:
@@ -176,7 +183,7 @@ def naive_export(params, dest):
     """Per-company SELECT, parse each value, dump it again, one write per file."""
     os.mkdir(dest)
     n = 0
-    conn = pgconn.connect(params)
+    conn = _harness_connect(params)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT company_id, creds::text FROM whatsapp_auth ORDER BY company_id")
@@ -220,7 +227,7 @@ def naive_import(params, src):
     Jsonb = psycopg.types.json.Jsonb
     statements = {}
     n = 0
-    conn = pgconn.connect(params, autocommit=True)
+    conn = _harness_connect(params, autocommit=True)
     # node-postgres sends each parameterised query unnamed (parsed and planned every time);
     # psycopg would prepare it after 5 runs, which the reference system does not get
     conn.prepare_threshold = None
@@ -277,12 +284,12 @@ def load(pg, admin, companies, keys, seed, legacy_array, legacy_numeric):
     data, mix = datagen.generate(companies, keys, seed, legacy_array, legacy_numeric)
     log("generated in %.1fs; mix per company: %s" % (time.perf_counter() - t0, mix))
     params = create_db(admin, pg, "bench_src")
-    conn = pgconn.connect(params)
+    conn = _harness_connect(params)
     t0 = time.perf_counter()
     authgen.load_into(conn, data)
     conn.close()
     del data
-    admin_src = pgconn.connect(params, autocommit=True)
+    admin_src = _harness_connect(params, autocommit=True)
     admin_src.execute("VACUUM (ANALYZE) whatsapp_keys")
     admin_src.execute("VACUUM (ANALYZE) whatsapp_auth")
     row = admin_src.execute(
@@ -332,7 +339,7 @@ def main(argv=None):
             "recently deleted inodes (see discard() in run.py)" % pause)
         time.sleep(pause)
     pg = PgServer(pg_dir).start()
-    admin = pgconn.connect(pg.params(), autocommit=True)
+    admin = _harness_connect(pg.params(), autocommit=True)
     if not args.fast_pg:
         # tests/support/pgserver.py turns durability off for test speed; a real server has it on, and the
         # naive import commits 2,000 times where ours commits once.
@@ -418,7 +425,7 @@ def main(argv=None):
             drop_db(p, 0)
         rounds(("import no-op", lambda _: our_import(target_db, files)))
         # check the round trip: the imported database holds the same rows (values normalised)
-        conn = pgconn.connect(target_db)
+        conn = _harness_connect(target_db)
         n_imported = conn.execute("SELECT count(*) FROM whatsapp_keys").fetchone()[0]
         conn.close()
         if n_imported != info["rows"]:

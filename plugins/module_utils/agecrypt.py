@@ -323,7 +323,28 @@ def _decrypt_io(reader, writer, identities, made_for, what):
         raise AgeError("%s does not decrypt: %s" % (what, exc))
 
 
-class StreamDecryptor:
+class _PipeWorker:
+    """What both stream classes share: the pipe's write end (``_in``) and the pyrage thread (``_thread``)."""
+
+    def _close_and_join(self):
+        if not self._in.closed:
+            try:
+                self._in.close()
+            except BrokenPipeError:
+                pass
+        self._thread.join()
+
+    def finish(self):  # pragma: no cover - each stream defines it
+        raise NotImplementedError
+
+    def abort(self):
+        try:
+            self.finish()
+        except Exception:  # noqa: BLE001 - the caller is already failing
+            pass
+
+
+class StreamDecryptor(_PipeWorker):
     """Decrypt ciphertext pushed in chunks (:meth:`feed`) into a binary writer, on one thread.
 
     :meth:`finish` waits for the thread and raises what it raised (:class:`WrongIdentity`,
@@ -360,24 +381,13 @@ class StreamDecryptor:
             raise AgeError("decryption stopped early")
 
     def finish(self):
-        if not self._in.closed:
-            try:
-                self._in.close()
-            except BrokenPipeError:
-                pass
-        self._thread.join()
+        self._close_and_join()
         if self.error is not None:
             raise self.error
         return self.writer.digest.hexdigest(), self.writer.size
 
-    def abort(self):
-        try:
-            self.finish()
-        except Exception:  # noqa: BLE001 - the caller is already failing
-            pass
 
-
-class StreamEncryptor:
+class StreamEncryptor(_PipeWorker):
     """Encrypt plaintext pushed in chunks (:meth:`feed`, or :meth:`write` as a file) into a binary
     writer, on one thread; :meth:`finish` returns the plaintext's ``(sha256, size)``."""
 
@@ -416,18 +426,7 @@ class StreamEncryptor:
         pass
 
     def finish(self):
-        if not self._in.closed:
-            try:
-                self._in.close()
-            except BrokenPipeError:
-                pass
-        self._thread.join()
+        self._close_and_join()
         if self.error is not None:
             raise AgeError("encryption failed: %s" % self.error)
         return self.digest.hexdigest(), self.size
-
-    def abort(self):
-        try:
-            self.finish()
-        except Exception:  # noqa: BLE001 - the caller is already failing
-            pass

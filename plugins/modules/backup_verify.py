@@ -62,7 +62,7 @@ options:
         RV(decrypted) is then true. See docs/encryption.md.
       - Without an identity, an encrypted backup is only checked for integrity (its ciphertext sha256 and size
         against the seal record C(<backup_file>.seal.json)); nothing is restored, RV(decrypted) is false and
-        RV(msg) says so plainly.
+        the task's message says so plainly.
     type: path
   identity:
     description:
@@ -117,7 +117,7 @@ encrypted:
   type: bool
 decrypted:
   description: Whether it was decrypted and tested. C(false) for an encrypted backup tested without an identity
-    (only its ciphertext integrity was checked; RV(msg) says so).
+    (only its ciphertext integrity was checked; the task's message says so).
   returned: always
   type: bool
 manifest:

@@ -30,6 +30,14 @@ def test_barman_check_all_ok():
     assert checks["replication_slot"]["status"] == "OK"
 
 
+def test_metrics_job_sees_streaming_and_the_slot():
+    summary = _result("metrics.json")
+    assert summary["ok"], summary
+    assert summary["receive_wal"] == "OK" and summary["slot_exists"] and summary["slot_active"], summary
+    assert isinstance(summary["slot_lag_bytes"], int) and summary["slot_lag_bytes"] >= 0, summary
+    assert summary["failed_checks"] == [], summary
+
+
 def test_import_at_t_minus_1s_brings_back_exactly_the_rows():
     data = _result("import.json")
     check, restore = data["check"], data["restore"]

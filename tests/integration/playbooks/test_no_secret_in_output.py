@@ -96,8 +96,8 @@ def leaks(text):
     for label, (secret, part) in SECRETS.items():
         for form in sorted(forms(secret) | {part}):
             if form in text:
-                found.append("%s (as %r) near: %r" % (label, form, text[max(0, text.index(form) - 200):
-                                                                          text.index(form) + 60]))
+                at = text.index(form)
+                found.append("%s (as %r) near: %r" % (label, form, text[max(0, at - 200):at + 60]))
                 break
     return found
 
@@ -113,8 +113,8 @@ def secret_role(pg, db):
     sql = pgconn.sql
     exists = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
     verb = "ALTER" if exists else "CREATE"
-    admin.execute(sql.SQL(verb + " ROLE {} LOGIN SUPERUSER PASSWORD {}").format(sql.Identifier(name),
-                                                                               sql.Literal(DB_PASSWORD)))
+    statement = sql.SQL(verb + " ROLE {} LOGIN SUPERUSER PASSWORD {}")
+    admin.execute(statement.format(sql.Identifier(name), sql.Literal(DB_PASSWORD)))
     admin.close()
     return dict(db, login_user=name, login_password=DB_PASSWORD)
 

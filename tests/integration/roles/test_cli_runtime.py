@@ -56,8 +56,8 @@ def wheelhouse(system_python):
         with open(os.path.join(REQUIREMENTS, name), "rb") as fh:
             digest.update(name.encode() + b"\0" + fh.read())
     version = _python_version(system_python)
-    path = os.path.join(ROOT, ".cache", "cli-wheelhouse", "cp%s-%s" % (version.replace(".", ""),
-                                                                      digest.hexdigest()[:12]))
+    name = "cp%s-%s" % (version.replace(".", ""), digest.hexdigest()[:12])
+    path = os.path.join(ROOT, ".cache", "cli-wheelhouse", name)
     done = os.path.join(path, ".complete")
     if not os.path.exists(done):
         shutil.rmtree(path, ignore_errors=True)
@@ -158,7 +158,7 @@ def test_venv_runtime_from_a_wheelhouse_runs_the_probe_idempotent_no_secret_in_d
         with open(os.path.join(REQUIREMENTS, name)) as fh:
             for line in fh:
                 if "==" in line:
-                    pkg, _, ver = line.strip().partition("==")
+                    pkg, _sep, ver = line.strip().partition("==")
                     pins[pkg] = ver
     assert (sentry, boto3, psycopg, pyyaml) == (pins["sentry-sdk"], pins["boto3"], pins["psycopg[binary]"],
                                                 pins["PyYAML"])

@@ -84,7 +84,7 @@ def refused(setup, task, words, **extra):
     assert len(failed) == 1 and failed[0][0] == task, results
     for word in words:
         assert word in failed[0][1], failed[0][1]
-    assert all(name.startswith("Preflight") or name == "s3_replication's tasks" for name, _ in results), results
+    assert all(name.startswith("Preflight") or name == "s3_replication's tasks" for name, _result in results), results
     assert stats["changed"] == 0, stats
     assert not (setup["tmp"] / "config").exists()  # no credentials file, no config fragment
     assert list_keys(setup["moto"].url, setup["bucket"], "eu-west-1") == {}

@@ -1,13 +1,10 @@
 """The tool's alerts with real local receivers: Sentry Crons check-ins and Telegram, live and dead."""
 from __future__ import annotations
 
-import gzip
-import http.server
 import io
 import json
 import os
 import socket
-import threading
 
 import pytest
 import yaml
@@ -15,59 +12,10 @@ import yaml
 from ansible_collections.baileys.resilience.plugins.module_utils import cli
 
 from support import authgen, pgserver
+from support.receivers import Receiver
 
 
 TOKEN = "987654:BOT-token_with-secret"
-
-
-class Receiver:
-    def __init__(self):
-        self.requests = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                outer.requests.append((self.path, body))
-                reply = b'{"ok": true, "result": {}}'
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def checkins(self):
-        """Check-in payloads of every envelope (item header line, then payload of header['length'] bytes)."""
-        out = []
-        for path, body in self.requests:
-            if path != "/api/1/envelope/":
-                continue
-            _envelope_header, _sep, rest = body.partition(b"\n")
-            while rest.strip():
-                header_line, _sep, rest = rest.partition(b"\n")
-                header = json.loads(header_line)
-                if "length" in header:
-                    payload, rest = rest[: header["length"]], rest[header["length"]:].lstrip(b"\n")
-                else:
-                    payload, _sep, rest = rest.partition(b"\n")
-                if header.get("type") == "check_in":
-                    out.append(json.loads(payload))
-        return out
-
-    def telegram(self):
-        return [(p, json.loads(b)) for p, b in self.requests if "/sendMessage" in p]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

@@ -1,17 +1,16 @@
 """The store probe against a real PostgreSQL: metrics text, a histogram across runs, alerts once and resolved once."""
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
 import socket
 import stat
-import threading
 
 import pytest
 
 from ansible_collections.baileys.resilience.plugins.module_utils import alerts, probe
+from support.receivers import Receiver
 
 STORE = {"schema": "public", "auth_table": "whatsapp_auth", "keys_table": "whatsapp_keys"}
 TOKEN = "555:probe-token_secret"
@@ -24,34 +23,6 @@ class Clock:
 
     def __call__(self):
         return self.t
-
-
-class Receiver:
-    def __init__(self):
-        self.texts = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if "/sendMessage" in self.path:
-                    outer.texts.append(json.loads(body)["text"])
-                reply = b'{"ok": true, "result": {}}'
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

@@ -166,7 +166,7 @@ def test_memory_stays_flat_for_a_large_file(tmp_path):
     src = tmp_path / "big"
     with open(src, "wb") as fh:
         block = os.urandom(1 << 20)
-        for _ in range(200):
+        for _block in range(200):
             fh.write(block)
     script = textwrap.dedent("""
         import resource, sys

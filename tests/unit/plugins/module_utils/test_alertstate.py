@@ -1,14 +1,13 @@
 """The alert state over time (a fake clock): cooldowns, level changes, "resolved", damage, restarts, races."""
 from __future__ import annotations
 
-import http.server
 import json
 import multiprocessing
 import os
 import stat
-import threading
 
 import pytest
+from support.receivers import Receiver
 
 from ansible_collections.baileys.resilience.plugins.module_utils import alerts, alertstate, jobs
 
@@ -245,33 +244,6 @@ def test_racing_processes_send_one_message(state_path):
 
 
 # --------------------------------------------------------------------------- Alerts with the state
-
-
-class Receiver:
-    def __init__(self):
-        self.texts = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                outer.texts.append(json.loads(body)["text"])
-                reply = b'{"ok": true, "result": {}}'
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
