@@ -101,7 +101,9 @@ def test_state_file_says_postgres_0600(host):
     state = json.loads(body)
     assert state["mode"] == "postgres"
     modes = [h["mode"] for h in state["history"]]
-    assert modes.count("files") >= 3 and modes.count("postgres") >= 3, modes
+    # converge + sequence B, and sequence A's SIGKILLed rollback and return where the kill matrix runs (Debian 13)
+    cycles = 2 if os.environ.get("BAILEYS_TEST_DISTRO", "trixie") == "bookworm" else 3
+    assert modes.count("files") >= cycles and modes.count("postgres") >= cycles, modes
 
 
 def test_env_file_is_restored(host):
