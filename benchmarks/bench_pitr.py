@@ -73,9 +73,10 @@ class Writer(threading.Thread):
                 i += 7
                 seq = self.seq + 1
                 with conn.cursor() as cur:
-                    cur.execute("INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) VALUES (%s, 'session', "
-                                "%s, %s) ON CONFLICT (company_id, key_type, key_id) DO UPDATE SET value = "
-                                "excluded.value", (company, "bench-w-%d" % (i % 30), json.dumps({"seq": seq})))
+                    cur.execute("INSERT INTO whatsapp_keys (company_id, key_type, key_id, value) "
+                                "VALUES (%s, 'session', %s, %s) ON CONFLICT (company_id, key_type, key_id) "
+                                "DO UPDATE SET value = excluded.value",
+                                (company, "bench-w-%d" % (i % 30), json.dumps({"seq": seq})))
                 conn.commit()
                 self.seq = seq
                 self.journal.append((seq, time.time()))
@@ -86,7 +87,7 @@ class Writer(threading.Thread):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
     ap.add_argument("--companies", type=int, default=100)
     ap.add_argument("--keys", type=int, default=2000)
     ap.add_argument("--barman")
@@ -134,7 +135,7 @@ def main(argv=None):
                  % (pg.port, pg.port, pg.bindir))
     barman = pitr.Barman(barman_bin(args.barman), os.path.join(home, "barman.conf"), "baileys", user)
     barman.run("cron")
-    for _ in range(60):
+    for _attempt in range(60):
         checks = barman.check()
         if checks.get("receive_wal_running", {}).get("status") == "OK":
             break
@@ -164,8 +165,8 @@ def main(argv=None):
     conn = pgconn.connect(prod, autocommit=True)
     restored = conn.execute("SELECT count(*) FROM whatsapp_keys WHERE company_id = %s", (VICTIM,)).fetchone()[0]
     conn.close()
-    log("company %s back in production in %.1f s (%d keys), steps %s" % (VICTIM, back_in_production, restored,
-                                                                          res["seconds"]))
+    steps = res["seconds"]
+    log("company %s back in production in %.1f s (%d keys), steps %s" % (VICTIM, back_in_production, restored, steps))
 
     time.sleep(3)
     pid = int(open(os.path.join(pg.data, "postmaster.pid")).readline())

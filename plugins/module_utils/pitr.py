@@ -258,8 +258,8 @@ class Barman:
         try:
             data = json.loads(out.stdout or "{}")
         except ValueError:
-            raise PitrError("barman check: not JSON (exit %d): %r" % (out.returncode,
-                                                                     (out.stdout or out.stderr)[:300]))
+            detail = (out.stdout or out.stderr)[:300]
+            raise PitrError("barman check: not JSON (exit %d): %r" % (out.returncode, detail))
         return data.get(self.server, data)
 
     def directories(self):
@@ -314,8 +314,8 @@ def restore_point(conn_params, name, only_with_slot=None):
             lsn, at = cur.fetchone()
             return {"created": True, "lsn": lsn, "name": name, "at": at.isoformat(), "reason": ""}
     except pgconn.Error as exc:
-        raise PitrError("cannot create restore point %s (%s): %s" % (name, pgconn.describe(conn_params),
-                                                                      pgconn._scrub(exc, conn_params)))
+        reason = pgconn._scrub(exc, conn_params)
+        raise PitrError("cannot create restore point %s (%s): %s" % (name, pgconn.describe(conn_params), reason))
     finally:
         conn.close()
 

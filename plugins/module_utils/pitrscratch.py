@@ -360,10 +360,10 @@ def recover(barman, target="latest", action="none", companies=None, scratch_dir=
         steps[action] = round(time.monotonic() - ts, 3)
         if keep:
             result["kept"] = True
+            psql = "psql -h %s -p %d -U %s %s" % (scratch.socket, scratch.port, scratch_login_user,
+                                                  dbname or "postgres")
             result["scratch"] = {"data": scratch.data, "socket": scratch.socket, "port": scratch.port,
-                                 "log": scratch.log, "user": scratch.user,
-                                 "psql": "psql -h %s -p %d -U %s %s" % (scratch.socket, scratch.port,
-                                                                       scratch_login_user, dbname or "postgres")}
+                                 "log": scratch.log, "user": scratch.user, "psql": psql}
     except (pitr.PitrError, pgconn.PgError, authnames.AuthStateError, OSError) as exc:
         if isinstance(exc, RecoveryError) or isinstance(exc, errors.BaileysResilienceError):
             message = str(exc)
@@ -396,6 +396,6 @@ def _import(scratch, conn_params, store_params, prod_conn_params, companies, max
     guards = authguards.ImportGuards(max_delete_share=max_delete_share)
     out = authimport.import_auth_state(prod_conn_params, store_params, tmp, companies=companies, prune=True,
                                        guards=guards)
-    return {"changed": out["changed"], "totals": out["totals"],
-            "companies": {c["company_id"]: {k: c.get(k) for k in ("inserted", "updated", "deleted", "unchanged",
-                                                                   "creds")} for c in out["companies"]}}
+    fields = ("inserted", "updated", "deleted", "unchanged", "creds")
+    companies = {c["company_id"]: {k: c.get(k) for k in fields} for c in out["companies"]}
+    return {"changed": out["changed"], "totals": out["totals"], "companies": companies}

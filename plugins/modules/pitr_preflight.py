@@ -31,6 +31,7 @@ attributes:
     description: Changes nothing in any mode.
   diff_mode:
     support: none
+    description: Nothing to show as a diff.
 options:
   replication_user:
     description: The role of the streaming connection, when not the same as O(login_user).

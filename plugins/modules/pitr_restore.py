@@ -35,8 +35,11 @@ attributes:
   check_mode:
     support: partial
     description: Only picks the base backup; nothing is restored.
+    details: In check mode the module picks the base backup and the WAL range it would replay and reports them;
+      it starts no scratch instance and changes nothing.
   diff_mode:
     support: none
+    description: Nothing to show as a diff.
 options:
   target:
     description: C(latest), a time with its zone, or C(name:<restore point>).

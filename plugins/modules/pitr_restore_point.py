@@ -31,6 +31,7 @@ attributes:
     description: Reports that a point would be created and creates none.
   diff_mode:
     support: none
+    description: Nothing to show as a diff.
 options:
   name:
     description: "Name of the restore point (letters, digits and C(.), C(_), C(:), C(-); at most 63)."

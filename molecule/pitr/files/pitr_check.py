@@ -30,7 +30,8 @@ def _buffer_bytes(value):
             return None
     else:
         return None
-    if not all(type(i) is int and 0 <= i <= 255 for i in items):
+    # an exact int (a bool is not a byte), as Baileys' Buffer form is read by the core's codec
+    if not all(type(i) is int and 0 <= i <= 255 for i in items):  # pylint: disable=unidiomatic-typecheck
         return None
     return bytes(items)
 

@@ -78,8 +78,8 @@ def test_recover_refuses_before_touching_anything():
 
 def test_directories_from_the_config_files(tmp_path):
     (tmp_path / "barman.d").mkdir()
-    (tmp_path / "barman.conf").write_text("[barman]\nbarman_home = /var/lib/barman\nconfiguration_files_directory = %s\n"
-                                          % (tmp_path / "barman.d"))
+    (tmp_path / "barman.conf").write_text(
+        "[barman]\nbarman_home = /var/lib/barman\nconfiguration_files_directory = %s\n" % (tmp_path / "barman.d"))
     (tmp_path / "barman.d" / "baileys.conf").write_text("[baileys]\nbackup_method = postgres\n")
     barman = pitr.Barman("/nonexistent/barman", str(tmp_path / "barman.conf"), "baileys")
     assert barman.directories() == {"backup_directory": "/var/lib/barman/baileys",
