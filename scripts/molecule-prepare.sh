@@ -20,7 +20,9 @@ DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 IMG_PREFIX=localhost/baileys-resilience
 LABEL=org.baileys-resilience.build-hash
 MARK="# Written by baileys.resilience scripts/molecule-prepare.sh"
-CACHE=$ROOT/.cache/molecule
+# Outside the checkout, like the images: a new clone of the same machine (CI) reuses what took minutes to build
+# (the bookworm client packages, the wheelhouse); anything missing or stale (hash-keyed) is built again.
+CACHE=$HOME/.cache/baileys-resilience/molecule  # .config/molecule/config.yml names its wheelhouse
 MIRROR_PORT=${BAILEYS_MIRROR_PORT:-8765}
 MIRROR_CONTAINER=baileys-pgdg-mirror
 mkdir -p "$CACHE"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the local PGDG-style apt repository the molecule scenarios install PostgreSQL 18 from.
-#   usage: tests/apt-mirror/build.sh OUTDIR        (scripts/molecule-prepare.sh uses .cache/molecule/apt-mirror)
+#   usage: tests/apt-mirror/build.sh OUTDIR        (scripts/molecule-prepare.sh uses ~/.cache/baileys-resilience/molecule/apt-mirror)
 # Layout (OUTDIR/repo is what gets served over HTTP; OUTDIR/gnupg holds the signing key and is not):
 #   repo/pgdg-test.asc                          public key (ASCII armored) -> pg_client_key
 #   repo/dists/{trixie,bookworm}-pgdg/{Release,InRelease,Release.gpg,main/binary-amd64/Packages{,.gz}}
