@@ -114,7 +114,7 @@ def create_db(admin, pg, name):
     admin.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
     admin.execute('CREATE DATABASE "%s"' % name)
     params = pg.params(name)
-    conn = _harness_connect(params)
+    conn = pgconn.connect(params)  # the schema through the driver measured (pgconn's sql objects are that driver's)
     pgconn.create_schema(conn, pgconn.Store())
     conn.commit()
     conn.close()
