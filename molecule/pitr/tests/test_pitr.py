@@ -1,13 +1,16 @@
 """Verify of the pitr scenario (testinfra on the backup host, after side_effect.yml).
 
-What side_effect.yml recorded under the ephemeral directory's results/: barman check, the T-1s import of the
-deleted company compared with the writer's journal, the latest recovery after the server was SIGKILLed (lost
-acknowledged writes, the recovery point) and the slot dropped by pitr_state absent.
+What side_effect.yml recorded under the ephemeral directory's results/: barman check, the S3 objects the
+barman-cloud hooks wrote, the T-1s import of the deleted company (playbooks/pitr_restore.yml) compared with the
+writer's journal, the latest recovery after the server was SIGKILLed (lost acknowledged writes, the recovery
+point), the slot dropped by pitr_state absent, and the hourly-dump fallback for a login that may not replicate.
 """
 
 import json
 import os
 from pathlib import Path
+
+from support.molecule_cron import cron_job, run, run_backup_job
 
 testinfra_hosts = ["baileys_pitr"]
 
@@ -65,3 +68,47 @@ def test_absent_dropped_the_slot(host):
     assert _result("absent.json")["slots"] == 0
     assert not host.file("/etc/barman.d/baileys.conf").exists
     assert not host.file("/etc/cron.d/baileys-resilience-pitr").exists
+
+
+def _backup_ids(data):
+    """Every ``backup_id`` value anywhere in a Barman JSON listing."""
+    if isinstance(data, dict):
+        ids = {data["backup_id"]} if isinstance(data.get("backup_id"), str) else set()
+        return ids.union(*(_backup_ids(v) for v in data.values()))
+    if isinstance(data, list):
+        return set().union(*(_backup_ids(v) for v in data))
+    return set()
+
+
+def test_cloud_hooks_copied_every_base_backup_and_the_wal_to_s3():
+    data = _result("s3.json")
+    keys = [o["key"] for o in data["objects"]]
+    local, cloud = _backup_ids(data["local_backups"]), _backup_ids(data["cloud_backups"])
+    assert len(local) >= 2, data["local_backups"]  # converge's first base backup and side_effect's
+    assert local <= cloud, "base backups not in S3: %s" % sorted(local - cloud)
+    for backup_id in local:
+        assert any(k.startswith("prod/pitr/baileys/base/%s/" % backup_id) and k.endswith(".tar")
+                   for k in keys), (backup_id, keys)
+    wal = [o for o in data["objects"] if o["key"].startswith("prod/pitr/baileys/wals/")]
+    assert wal, keys
+    assert all(o["size"] > 0 for o in wal), wal
+
+
+def test_fallback_without_replication_runs_hourly_dumps_and_configures_no_barman(host):
+    fallback = _result("fallback.json")
+    assert fallback["mode"] == "dumps", fallback
+    codes = {p["code"] for p in fallback["preflight"]["problems"]}
+    assert codes & {"no_replication_privilege", "replication_refused"}, fallback["preflight"]
+    assert fallback["preflight"]["replication_allowed"] is False
+    assert _result("fallback_slots.json")["slots"] == 0
+    assert not host.file("/etc/barman.d/baileys.conf").exists
+    assert not host.file("/etc/cron.d/baileys-resilience-pitr").exists
+    _env, schedule, _user, _command = cron_job(host, "/etc/cron.d/baileys-resilience-backup",
+                                               "baileys-resilience backup")
+    assert schedule == "17 * * * *"
+    # the hourly job, run as cron runs it, makes a verified dump
+    result = run_backup_job(host, "/var/backups/baileys-resilience", "/etc/cron.d/baileys-resilience-backup")
+    assert result.rc == 0, result.stdout + result.stderr
+    dumps = run(host, "ls /var/backups/baileys-resilience").stdout.split()
+    assert any(n.endswith(".dump") for n in dumps), dumps
+    assert any(n.endswith(".dump.manifest.json") for n in dumps), dumps
