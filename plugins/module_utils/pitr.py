@@ -11,7 +11,8 @@ replication slot, ``barman cron``); this room only
   replication connection (the one thing ``pg_hba.conf`` decides), and the client programs' version;
 * runs Barman as its own user (``Barman``) and reads its JSON output (backups, check);
 * creates a named restore point (``restore_point``, taken before every failover switch);
-* turns ``barman check`` and the slot's lag into metrics (``collect_metrics``, the ``pitr-metrics`` cron job:
+* turns ``barman check``, the slot's lag and state and the WAL files waiting in the streaming directory (not yet
+  archived) into metrics (``collect_metrics``, the ``pitr-metrics`` cron job:
   ``python3 -m baileys_resilience.pitr metrics CONFIG``).
 
 Recovery into a scratch instance is in ``pitrscratch``.  Client programs get the connection through
@@ -325,10 +326,35 @@ def restore_point(conn_params, name, only_with_slot=None):
 _SLOT_SQL = ("SELECT active, COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), -1)::bigint, "
              "COALESCE(wal_status, ''), COALESCE(safe_wal_size, -1) FROM pg_replication_slots "
              "WHERE slot_name = '%s'")
+# what pg_receivewal leaves in Barman's streaming directory once complete: a WAL segment (24 hex digits) or a
+# timeline history file; the segment being written ends in .partial
+_WAITING_WAL_RE = re.compile(r"^(?:[0-9A-F]{24}|[0-9A-F]{8}\.history)$")
+
+
+def wal_waiting(directory, now=None):
+    """``(files, oldest age in seconds by mtime, 0 when none)`` of the completed WAL files in Barman's streaming
+    directory: streamed, not yet archived.  ``barman cron`` archives each only once its ``pre_archive_retry_script``
+    (the S3 copy) succeeded, so a failing upload keeps them here.  OSError when the directory cannot be read."""
+    now = time.time() if now is None else now
+    count, oldest = 0, None
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not _WAITING_WAL_RE.match(entry.name):
+                continue
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:  # archived meanwhile
+                continue
+            count += 1
+            oldest = mtime if oldest is None else min(oldest, mtime)
+    return count, 0 if oldest is None else max(0, round(now - oldest, 3))
 
 
 def collect_metrics(barman, conn_params, slot=DEFAULT_SLOT, bin_dir=None):
-    """Metrics (``jobs.prom_text`` form) and a summary: receive-wal state, failed checks, slot lag, last backup."""
+    """Metrics (``jobs.prom_text`` form) and a summary: receive-wal state, failed checks, slot lag and state, WAL
+    waiting in the streaming directory, last backup."""
     check_slot_name(slot)
     labels = {"server": barman.server}
     summary = {"server": barman.server, "slot": slot}
@@ -350,8 +376,19 @@ def collect_metrics(barman, conn_params, slot=DEFAULT_SLOT, bin_dir=None):
             summary["slot_error"] = err
     except (pgtools.ToolError, PitrError, ValueError) as exc:
         summary["slot_error"] = str(exc)
+    slot_lost = None if slot_active is None else int(wal_status == "lost")
     summary.update(slot_exists=slot_active is not None, slot_active=slot_active, slot_lag_bytes=lag,
-                   slot_wal_status=wal_status)
+                   slot_wal_status=wal_status, slot_lost=slot_lost)
+    waiting, waiting_age, streaming = None, None, None
+    try:
+        streaming = barman.directories()["streaming_wals_directory"]
+        waiting, waiting_age = wal_waiting(streaming)
+    except (PitrError, KeyError) as exc:
+        summary["wal_waiting_error"] = "no streaming directory: %s" % exc
+    except OSError as exc:
+        summary["wal_waiting_error"] = "cannot read the streaming directory %s: %s" % (streaming, exc.strerror or exc)
+    summary.update(streaming_wals_directory=streaming, wal_waiting_files=waiting,
+                   wal_waiting_oldest_age_seconds=waiting_age)
     last_backup = None
     try:
         done = [b for b in barman.backups() if b.get("status") == "DONE"]
@@ -374,6 +411,12 @@ def collect_metrics(barman, conn_params, slot=DEFAULT_SLOT, bin_dir=None):
          [(dict(labels, slot=slot), lag)]),
         ("baileys_pitr_slot_safe_wal_size_bytes", "WAL that may still be written before the slot is lost "
          "(max_slot_wal_keep_size); -1 when unlimited.", "gauge", [(dict(labels, slot=slot), safe)]),
+        ("baileys_pitr_slot_lost", "1 if the server invalidated the slot (wal_status lost).", "gauge",
+         [(dict(labels, slot=slot), slot_lost)]),
+        ("baileys_pitr_wal_waiting_files", "Completed WAL files in the streaming directory, not yet archived.",
+         "gauge", [(labels, waiting)]),
+        ("baileys_pitr_wal_waiting_oldest_age_seconds", "Age (mtime) of the oldest WAL file waiting in the "
+         "streaming directory; 0 when none.", "gauge", [(labels, waiting_age)]),
         ("baileys_pitr_last_backup_timestamp_seconds", "End time of the newest DONE base backup.", "gauge",
          [(labels, last_backup)]),
     ]

@@ -2,7 +2,8 @@
 
 * every metric a rule, a rule test or a dashboard query names is one the collection really writes: the names
   are read from plugins/module_utils/*.py (string literals that are a whole metric name; histograms add
-  ``_bucket``/``_sum``/``_count``), not from a list kept here;
+  ``_bucket``/``_sum``/``_count``), not from a list kept here. Two prefixes: ``baileys_resilience_`` (the host
+  jobs and the probe) and ``baileys_pitr_`` (the pitr role's metrics job, plugins/module_utils/pitr.py);
 * every metric the code writes is documented in docs/metrics.md, with the type the code gives it;
 * ``promtool check rules`` and ``promtool test rules`` pass, and every dashboard query parses. Without promtool
   these skip, except when ``CI`` is set: then they fail (scripts/install-system-deps.sh installs it).
@@ -28,10 +29,11 @@ RULE_TESTS = sorted((ROOT / "monitoring" / "prometheus" / "tests").glob("*.yml")
 DASHBOARD = ROOT / "monitoring" / "grafana" / "baileys-resilience.json"
 METRICS_DOC = ROOT / "docs" / "metrics.md"
 
-PREFIX = "baileys_resilience_"
-WHOLE_NAME = re.compile(r"^baileys_resilience_[a-z0-9_]*[a-z0-9]$")
+# the metric names the collection writes: the host jobs' and the probe's, and the pitr metrics job's
+NAME = r"baileys_(?:resilience|pitr)_[a-z0-9_]*[a-z0-9]"
+WHOLE_NAME = re.compile(r"^%s$" % NAME)
 # a metric name inside PromQL; recorded series (baileys_resilience:...) have a colon instead
-QUERY_NAME = re.compile(r"(?<![A-Za-z0-9_:])baileys_resilience_[a-z0-9_]*[a-z0-9](?![A-Za-z0-9_:])")
+QUERY_NAME = re.compile(r"(?<![A-Za-z0-9_:])%s(?![A-Za-z0-9_:])" % NAME)
 RECORDED_NAME = re.compile(r"(?<![A-Za-z0-9_:])baileys_resilience:[A-Za-z0-9_:]*[A-Za-z0-9_]")
 TYPES = {"gauge", "counter", "histogram", "summary", "untyped"}
 SERIES_SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
@@ -59,8 +61,9 @@ def _const_str(node):
 def emitted_metrics():
     """``{name: type or None}`` for every metric name written in plugins/module_utils/*.py.
 
-    A name is a string literal (not a docstring) that is a whole ``baileys_resilience_*`` name; its type comes
-    from a metric tuple ``(name, help, type, samples)`` or a ``histogram_metric(name, ...)`` call."""
+    A name is a string literal (not a docstring) that is a whole ``baileys_resilience_*`` or ``baileys_pitr_*``
+    name; its type comes from a metric tuple ``(name, help, type, samples)`` or a ``histogram_metric(name, ...)``
+    call."""
     found = {}
     for path in sorted(MODULE_UTILS.glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
@@ -135,7 +138,8 @@ def rule_test_series():
 
 
 def used_names():
-    """``[(where, metric name)]`` for every baileys_resilience_* name in a rule, rule test or dashboard query."""
+    """``[(where, metric name)]`` for every baileys_resilience_* or baileys_pitr_* name in a rule, rule test or
+    dashboard query."""
     used = []
     for rule in load_rules()["groups"]:
         for r in rule["rules"]:
@@ -151,7 +155,7 @@ def documented_metrics():
     """``{name: type}`` from the tables of docs/metrics.md (rows ``| `name` | type | ...``)."""
     rows = {}
     for line in METRICS_DOC.read_text(encoding="utf-8").splitlines():
-        m = re.match(r"^\|\s*`(baileys_resilience_[a-z0-9_]+)`\s*\|\s*([a-z]+)\s*\|", line)
+        m = re.match(r"^\|\s*`(%s)`\s*\|\s*([a-z]+)\s*\|" % NAME, line)
         if m:
             rows[m.group(1)] = m.group(2)
     return rows
@@ -202,6 +206,15 @@ def test_the_probe_metrics_are_emitted():
     assert emitted.get("baileys_resilience_probe_duration_seconds") == "histogram"
     assert emitted.get("baileys_resilience_probe_last_timestamp_seconds") == "gauge"
     assert emitted.get("baileys_resilience_alert_active") == "gauge"
+
+
+def test_the_pitr_metrics_are_emitted():
+    """The pitr metrics job's gauges (plugins/module_utils/pitr.py), which the pitr alerts rely on."""
+    emitted = emitted_metrics()
+    for name in ("receive_wal_up", "check_ok", "check_failed", "slot_exists", "slot_active", "slot_lag_bytes",
+                 "slot_safe_wal_size_bytes", "slot_lost", "wal_waiting_files", "wal_waiting_oldest_age_seconds",
+                 "last_backup_timestamp_seconds"):
+        assert emitted.get("baileys_pitr_" + name) == "gauge", name
 
 
 # --------------------------------------------------------------------------- tests: docs

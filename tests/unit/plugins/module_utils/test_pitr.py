@@ -1,9 +1,12 @@
-"""pitr / pitrscratch without a server: targets, the choice of base backup, the replay report, checks."""
+"""pitr / pitrscratch without a server: targets, the choice of base backup, the replay report, checks, metrics."""
 from __future__ import annotations
+
+import os
+import time
 
 import pytest
 
-from ansible_collections.baileys.resilience.plugins.module_utils import errors, pitr, pitrscratch
+from ansible_collections.baileys.resilience.plugins.module_utils import errors, jobs, pitr, pitrscratch
 
 
 def test_parse_target():
@@ -86,3 +89,83 @@ def test_directories_from_the_config_files(tmp_path):
                                     "streaming_wals_directory": "/var/lib/barman/baileys/streaming"}
     (tmp_path / "barman.d" / "baileys.conf").write_text("[baileys]\nstreaming_wals_directory = /srv/stream\n")
     assert barman.directories()["streaming_wals_directory"] == "/srv/stream"
+
+
+class FakeBarman:
+    """What collect_metrics asks Barman: check, backups, the streaming directory."""
+
+    server = "baileys"
+
+    def __init__(self, streaming):
+        self.streaming = streaming
+
+    def check(self):
+        return {"receive_wal_running": {"status": "OK"}, "replication_slot": {"status": "OK"}}
+
+    def backups(self):
+        return BACKUPS
+
+    def directories(self):
+        if self.streaming is None:
+            raise pitr.PitrError("barman show-servers baileys: no streaming_wals_directory")
+        return {"streaming_wals_directory": str(self.streaming)}
+
+
+def _metrics(monkeypatch, streaming, slot_row="t|16777216|reserved|-1"):
+    """collect_metrics with a fake Barman and psql answering ``slot_row`` (``active|lag|wal_status|safe``)."""
+    monkeypatch.setattr(pitr.pgtools, "find_bin_dir", lambda *a, **kw: "/nonexistent/bin")
+    monkeypatch.setattr(pitr, "run_psql", lambda *a, **kw: (0, slot_row + "\n" if slot_row else "", ""))
+    metrics, summary = pitr.collect_metrics(FakeBarman(streaming), {"login_db": "baileys"})
+    values = {name: [s[1] for s in samples] for name, _help, _kind, samples in metrics}
+    return values, summary, jobs.prom_text(metrics)
+
+
+def test_metrics_wal_waiting_in_the_streaming_directory(tmp_path, monkeypatch):
+    now = time.time()
+    for name, age in (("000000010000000000000003", 1800), ("000000010000000000000004", 900),
+                      ("00000002.history", 60), ("000000020000000000000005.partial", 7200),
+                      ("barman_receive_wal.lock", 7200), ("00000001000000000000000G", 7200)):
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (now - age, now - age))
+    (tmp_path / "000000010000000000000002").mkdir()  # not a file
+    values, summary, text = _metrics(monkeypatch, tmp_path)
+    assert values["baileys_pitr_wal_waiting_files"] == [3]
+    assert 1800 <= values["baileys_pitr_wal_waiting_oldest_age_seconds"][0] < 1900
+    assert summary["wal_waiting_files"] == 3 and summary["streaming_wals_directory"] == str(tmp_path)
+    assert 'baileys_pitr_wal_waiting_files{server="baileys"} 3\n' in text
+    assert "wal_waiting_error" not in summary
+    count, age = pitr.wal_waiting(str(tmp_path), now=now + 100)
+    assert count == 3 and 1900 <= age < 2000
+
+
+def test_metrics_nothing_waiting(tmp_path, monkeypatch):
+    (tmp_path / "000000010000000000000007.partial").write_bytes(b"")
+    values, summary, text = _metrics(monkeypatch, tmp_path)
+    assert values["baileys_pitr_wal_waiting_files"] == [0]
+    assert values["baileys_pitr_wal_waiting_oldest_age_seconds"] == [0]
+    assert 'baileys_pitr_wal_waiting_oldest_age_seconds{server="baileys"} 0\n' in text
+
+
+def test_metrics_streaming_directory_missing(tmp_path, monkeypatch):
+    values, summary, text = _metrics(monkeypatch, tmp_path / "gone")
+    assert values["baileys_pitr_wal_waiting_files"] == [None]
+    assert values["baileys_pitr_wal_waiting_oldest_age_seconds"] == [None]
+    assert "baileys_pitr_wal_waiting" not in text
+    assert summary["wal_waiting_files"] is None
+    assert "cannot read the streaming directory" in summary["wal_waiting_error"]
+    assert "No such file or directory" in summary["wal_waiting_error"]
+    values, summary, text = _metrics(monkeypatch, None)  # Barman does not say where it is
+    assert "baileys_pitr_wal_waiting" not in text
+    assert "no streaming directory" in summary["wal_waiting_error"]
+
+
+def test_metrics_slot_lost(tmp_path, monkeypatch):
+    values, summary, text = _metrics(monkeypatch, tmp_path)
+    assert values["baileys_pitr_slot_lost"] == [0] and summary["slot_lost"] == 0
+    assert 'baileys_pitr_slot_lost{server="baileys",slot="barman_baileys"} 0\n' in text
+    values, summary, text = _metrics(monkeypatch, tmp_path, "f|-1|lost|-1")
+    assert values["baileys_pitr_slot_lost"] == [1] and summary["slot_lost"] == 1
+    assert summary["slot_wal_status"] == "lost" and values["baileys_pitr_slot_lag_bytes"] == [-1]
+    values, summary, text = _metrics(monkeypatch, tmp_path, "")  # no slot: no verdict
+    assert values["baileys_pitr_slot_lost"] == [None] and summary["slot_lost"] is None
+    assert "baileys_pitr_slot_lost" not in text and values["baileys_pitr_slot_exists"] == [0]
