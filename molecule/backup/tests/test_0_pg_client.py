@@ -1,20 +1,27 @@
-"""Verify of the pg_client scenario (testinfra, run by molecule on the pg_client instances)."""
+"""Verify of the backup scenario, part 0: the pg_client role on the app host (Debian 13 and Debian 12).
+
+The pg_client role is converged here as provision.yml runs it (the scenario of its own was folded into this one:
+the same containers, one create/converge/destroy less in make test, and the role is now proven on both
+distributions): client 18 from the local PGDG-style mirror (deb822 source, dedicated keyring, pinning, the
+published facts), it dumps the PostgreSQL 18 server, and client 17 against server 18 is refused in preflight
+(mismatch.yml) with nothing written.
+"""
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-# podman exec directly: the ansible backend costs seconds per command (molecule's default)
-testinfra_hosts = ["podman://pg-client-trixie"]
+from scenario import APP, DISTRO, PG_HOST, PG_PASSWORD
+
+testinfra_hosts = [APP]
 
 VERSION = 18
 BIN_DIR = f"/usr/lib/postgresql/{VERSION}/bin"
 MIRROR = "http://host.containers.internal:{}".format(os.environ.get("BAILEYS_MIRROR_PORT", "8765"))
-PG_PASSWORD = os.environ.get("BAILEYS_TEST_PG_PASSWORD", "molecule-pg18")
 
 
 def test_pg_dump_on_path_is_18(host):
@@ -38,7 +45,7 @@ def test_deb822_source_signed_by_dedicated_keyring(host):
     )
     assert fields["Types"] == "deb"
     assert fields["URIs"] == MIRROR
-    assert fields["Suites"] == "trixie-pgdg"
+    assert fields["Suites"] == f"{DISTRO}-pgdg"
     assert fields["Components"] == "main"
     assert fields["Signed-By"] == "/etc/apt/keyrings/pgdg.asc"
     key = host.file("/etc/apt/keyrings/pgdg.asc")
@@ -54,21 +61,21 @@ def test_deb822_source_signed_by_dedicated_keyring(host):
 def test_client_is_pinned_to_pgdg(host):
     pref = host.file("/etc/apt/preferences.d/pgdg.pref").content_string
     assert f"Package: postgresql-client-{VERSION} postgresql-client-common libpq5" in pref
-    assert "Pin: release o=apt.postgresql.org,n=trixie-pgdg" in pref
+    assert f"Pin: release o=apt.postgresql.org,n={DISTRO}-pgdg" in pref
     assert "Pin-Priority: 600" in pref
     for pkg in (f"postgresql-client-{VERSION}", "libpq5"):
         policy = host.check_output(f"apt-cache policy {pkg}")
         installed = host.package(pkg).version
         assert installed.startswith(f"{VERSION}."), (pkg, installed)
         # the installed version carries the pin priority and comes from the mirror
-        pinned = rf"\*\*\* {re.escape(installed)} 600\n\s+\d+ {re.escape(MIRROR)} trixie-pgdg/main"
+        pinned = rf"\*\*\* {re.escape(installed)} 600\n\s+\d+ {re.escape(MIRROR)} {DISTRO}-pgdg/main"
         assert re.search(pinned, policy), policy
 
 
 def test_client_dumps_the_pg18_server(host):
     cmd = host.run(
         f"PGPASSWORD={PG_PASSWORD} PGCONNECT_TIMEOUT=10 "
-        f"{BIN_DIR}/pg_dump -h pg-client-pg18 -U postgres --schema-only postgres"
+        f"{BIN_DIR}/pg_dump -h {PG_HOST} -U postgres --schema-only postgres"
     )
     assert cmd.rc == 0, cmd.stderr
     assert "PostgreSQL database dump complete" in cmd.stdout
