@@ -8,8 +8,8 @@ fingerprint (:func:`fingerprint`) that manifests and object metadata record; ide
 (``AGE-SECRET-KEY-1...``) come from a file or from their content and are never echoed.  Files are
 encrypted and decrypted as streams (``pyrage.encrypt_io``/``decrypt_io``: the Rust side copies
 through 8 KiB buffers, so memory stays flat whatever the size); a stream of chunks pushed by an S3
-download is decrypted by :class:`StreamDecryptor` (a pipe and one thread).  docs/encryption.md says
-why pyrage and not the ``age`` binary.
+download is decrypted by :class:`StreamDecryptor` (a pipe and one thread).  pyrage is the only
+engine (never a cipher of our own): docs/encryption.md says why pyrage and not the ``age`` binary.
 
 No Ansible, boto3 or backup import: backupseal.py (backups) and the S3 rooms use it.  Without
 pyrage the room still imports; :func:`require_pyrage` says what to install.
@@ -18,14 +18,17 @@ Guarantees
 ----------
 * :class:`Encryption` refuses an unknown option name, a recipient that does not parse (naming it
   by position and its first characters, never a secret key), a secret key given as a recipient,
-  and ``required: true`` with no recipient, before anything is encrypted or uploaded.
-* :func:`encrypt_file` writes ``<dest>.partial`` (0600) then renames it; :func:`decrypt_file` and
-  :class:`StreamDecryptor` leave no output file when the identity does not match or the ciphertext
-  is damaged, and say which recipient fingerprints the object was made for.
+  and ``required: true`` or ``encrypt_local: true`` with no recipient, before anything is encrypted
+  or uploaded.
+* :func:`encrypt_file` reads the plaintext once, hashing it as it encrypts, and writes
+  ``<dest>.partial`` (0600) then renames it, only when the plaintext hashed as the caller expected;
+  :func:`decrypt_file` and :class:`StreamDecryptor` leave no output file when the identity does not
+  match or the ciphertext is damaged, and say which recipient fingerprints the object was made for.
 """
 from __future__ import absolute_import, division, print_function
 
 import hashlib
+import io
 import os
 import re
 import threading
@@ -60,6 +63,15 @@ class AgeError(errors.BaileysResilienceError, RuntimeError):
 
 class WrongIdentity(AgeError):
     """The identity given is not one the object was encrypted to."""
+
+
+class PlaintextMismatch(AgeError):
+    """What :func:`encrypt_file` read does not hash to what the caller expected: nothing was kept."""
+
+    def __init__(self, src, sha256, size):
+        self.sha256, self.size = sha256, size
+        AgeError.__init__(self, "%s read as %d bytes with sha256 %s, not what was expected: not encrypted"
+                          % (src, size, sha256))
 
 
 def require_pyrage():
@@ -102,8 +114,9 @@ def parse_recipient(text, index=0):
 class Encryption:
     """Validated encryption settings: ``recipients`` (texts), ``required``, ``encrypt_local``.
 
-    :attr:`enabled` is true when there is at least one recipient.  :meth:`from_options` is the only
-    way in from user settings (the CLI config's ``s3.encryption``, the modules' options).
+    :attr:`enabled` is true when there is at least one recipient; ``encrypt_local`` (the backup job
+    encrypts the local dump too, backupseal.encrypt_local_dump) needs one.  :meth:`from_options` is the
+    only way in from user settings (the CLI config's ``s3.encryption``, the modules' options).
     """
 
     def __init__(self, recipients=(), required=False, encrypt_local=False):
@@ -118,9 +131,9 @@ class Encryption:
         self.encrypt_local = bool(encrypt_local)
         if self.required and not self.recipients:
             raise AgeError("encryption is required but no recipient is configured: refusing to copy plaintext")
-        if self.encrypt_local:
-            raise AgeError("encrypt_local: true is not supported yet (local dumps stay plaintext, mode 0600); "
-                           "remove the option")
+        if self.encrypt_local and not self.recipients:
+            raise AgeError("encrypt_local is true but no recipient is configured: a local dump cannot be encrypted "
+                           "to nobody (set recipients, or encrypt_local: false)")
         self.fingerprints = sorted(fingerprint(t) for t in self.texts)
 
     @property
@@ -250,26 +263,80 @@ def _unlink_quiet(path):
         pass
 
 
-def encrypt_file(src, dest, encryption):
-    """Encrypt ``src`` to ``dest`` (through ``dest.partial``, 0600, fsynced, renamed)."""
+class _HashingRaw(io.RawIOBase):
+    """A raw file that hashes the bytes read from ``reader`` or written to ``fd``.  Under a 1 MiB
+    ``io.Buffered*``, pyrage's 8 KiB reads and writes stay in C and this Python code runs once per MiB
+    (a Python call per 8 KiB would hand the GIL to the upload threads thousands of times a file)."""
+
+    def __init__(self, reader=None, fd=None):
+        io.RawIOBase.__init__(self)
+        self._reader, self._fd = reader, fd
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self):
+        return self._reader is not None
+
+    def writable(self):
+        return self._fd is not None
+
+    def readinto(self, b):
+        n = self._reader.readinto(b)
+        if n:
+            self.digest.update(memoryview(b)[:n])
+            self.size += n
+        return n
+
+    def write(self, b):
+        n = os.write(self._fd, b)
+        self.digest.update(memoryview(b)[:n])
+        self.size += n
+        return n
+
+
+def _encrypt_to_fd(reader, fd, encryption):
+    """Encrypt all of ``reader`` into ``fd``: ``{"plain_sha256", "plain_size", "sha256", "size"}``."""
+    plain, cipher = _HashingRaw(reader=reader), _HashingRaw(fd=fd)
+    with io.BufferedReader(plain, _BUF) as r, io.BufferedWriter(cipher, _BUF) as w:
+        pyrage.encrypt_io(r, w, encryption.recipients)
+    return {"plain_sha256": plain.digest.hexdigest(), "plain_size": plain.size,
+            "sha256": cipher.digest.hexdigest(), "size": cipher.size}
+
+
+def encrypt_file(src, dest, encryption, expect=None):
+    """Encrypt ``src`` (a path, or a binary file open for reading) to ``dest`` in one pass: the plaintext is
+    hashed as it is read, the ciphertext as it is written (``dest.partial``, 0600, fsynced, renamed).
+
+    Returns ``{"plain_sha256", "plain_size", "sha256", "size"}`` (the last two: the ciphertext's).  With
+    ``expect`` (``(sha256, size)``) a plaintext that read otherwise raises :class:`PlaintextMismatch` and
+    nothing is kept.  On any failure the partial file is removed.  Memory stays flat (1 MiB blocks).
+    """
     require_pyrage()
-    partial, fd = _open_partial(dest)
+    what = src if isinstance(src, str) else getattr(src, "name", "plaintext")
+    reader = open(src, "rb", buffering=0) if isinstance(src, str) else src
     try:
-        with open(src, "rb", buffering=_BUF) as reader, os.fdopen(fd, "wb", buffering=_BUF, closefd=False) as writer:
-            pyrage.encrypt_io(reader, writer, encryption.recipients)
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
-        if not file_is_age(partial):
-            raise AgeError("encryption of %s produced no age header" % src)
-        os.rename(partial, dest)
-    except BaseException as exc:
-        if fd is not None:
+        partial, fd = _open_partial(dest)
+        try:
+            info = _encrypt_to_fd(reader, fd, encryption)
+            if expect is not None and (info["plain_sha256"], info["plain_size"]) != tuple(expect):
+                raise PlaintextMismatch(what, info["plain_sha256"], info["plain_size"])
+            os.fsync(fd)
             os.close(fd)
-        _unlink_quiet(partial)
-        if HAS_PYRAGE and isinstance(exc, pyrage.EncryptError):
-            raise AgeError("cannot encrypt %s: %s" % (src, exc))
-        raise
+            fd = None
+            if not file_is_age(partial):
+                raise AgeError("encryption of %s produced no age header" % what)
+            os.rename(partial, dest)
+        except BaseException as exc:
+            if fd is not None:
+                os.close(fd)
+            _unlink_quiet(partial)
+            if (HAS_PYRAGE and isinstance(exc, pyrage.EncryptError)) or isinstance(exc, ValueError):
+                raise AgeError("cannot encrypt %s: %s" % (what, exc))
+            raise
+    finally:
+        if reader is not src:
+            reader.close()
+    return info
 
 
 class _HashingWriter:
@@ -430,3 +497,35 @@ class StreamEncryptor(_PipeWorker):
         if self.error is not None:
             raise AgeError("encryption failed: %s" % self.error)
         return self.digest.hexdigest(), self.size
+
+
+# --------------------------------------------------------------------------- a file encrypted with both sides hashed
+
+
+def encrypt_file_hashed(src, partial, encryption):
+    """Encrypt ``src`` as a stream into the new file ``partial`` (0600, created exclusively after a stale one is
+    removed, fsynced; the caller renames it), hashing the plaintext read and the ciphertext written on the way.
+
+    Returns ``{"plain_sha256", "plain_size", "sha256", "size"}`` (the last two: the ciphertext's).  On any
+    failure ``partial`` is removed.  Memory stays flat (1 MiB blocks; the one pass of :func:`encrypt_file`).
+    """
+    require_pyrage()
+    _unlink_quiet(partial)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with open(src, "rb", buffering=0) as fh:
+            info = _encrypt_to_fd(fh, fd, encryption)
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
+        if not file_is_age(partial):
+            raise AgeError("encryption of %s produced no age header" % src)
+    except BaseException as exc:
+        if fd is not None:
+            os.close(fd)
+        _unlink_quiet(partial)
+        if HAS_PYRAGE and isinstance(exc, pyrage.EncryptError):
+            raise AgeError("cannot encrypt %s: %s" % (src, exc))
+        raise
+    return info

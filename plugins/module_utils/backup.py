@@ -12,6 +12,11 @@ backup_format.py:
   renamed only after it has been validated;
 * its manifest beside it, written atomically afterwards.
 
+With ``encrypt_local`` (an :class:`agecrypt.Encryption` with recipients) the validated
+``<name>.partial`` is encrypted as a stream into ``<name>.age.partial`` (backupseal.encrypt_local_dump),
+which is renamed to ``<name>`` while the plaintext partial is removed: the backup is then age
+ciphertext and its manifest records both hashes, the recipients and the format.
+
 A backup is valid only when its manifest says it was validated and the dump's
 size and sha256 match the manifest.  Every failure raises :class:`BackupError`
 with a message an operator can act on; nothing here ever reports a backup that
@@ -35,13 +40,12 @@ from __future__ import absolute_import, division, print_function
 
 import datetime
 import fcntl
-import json
 import os
 import stat
 import subprocess
 import time
 
-from . import backup_format, backupcheck, backupfiles, backupsource, fsutil, pgconn, pgtools
+from . import agecrypt, backup_format, backupcheck, backupfiles, backupseal, backupsource, fsutil, pgconn, pgtools
 
 __metaclass__ = type
 
@@ -169,24 +173,48 @@ def _dump(conn, conn_params, store, bin_dir, compress, path):
             "validated": validated, "snapshot_time": snapshot_time, "seconds": time.monotonic() - started}
 
 
+def _encrypt(path, dump_info, manifest, encryption):
+    """encrypt_local: the validated plaintext partial encrypted into ``<path>.age.partial``; the manifest gets
+    its ``encryption`` block.  On failure both partials are removed and nothing is published."""
+    ciphertext = path + backup_format.ENCRYPTING_SUFFIX
+    try:
+        manifest["encryption"] = backupseal.encrypt_local_dump(dump_info["partial"], ciphertext, manifest, encryption)
+    except BaseException as exc:
+        fsutil._unlink_quiet(dump_info["partial"])
+        if isinstance(exc, (agecrypt.AgeError, OSError)):
+            raise BackupError("backup %s was validated but could not be encrypted (encrypt_local): %s; nothing was "
+                              "kept" % (os.path.basename(path), getattr(exc, "strerror", None) or exc))
+        raise
+    dump_info["ciphertext"] = ciphertext
+
+
 def _publish(path, dump_info, manifest):
-    """Rename the validated dump into place, then write its manifest atomically."""
+    """Rename the validated dump (or its ciphertext, removing the plaintext) into place, then write its
+    manifest atomically."""
     manifest_path = path + MANIFEST_SUFFIX
+    source = dump_info.get("ciphertext") or dump_info["partial"]
     try:
         # a forced re-run in the same second replaces a backup: stop it being valid first
         fsutil._unlink_quiet(manifest_path)
-        os.rename(dump_info["partial"], path)
+        os.rename(source, path)
+        if source != dump_info["partial"]:
+            os.unlink(dump_info["partial"])  # no plaintext of an encrypted backup stays
         fsutil.fsync_dir(os.path.dirname(path))
-        data = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-        fsutil.atomic_write(manifest_path, data, mode=0o600)
+        fsutil.atomic_write(manifest_path, backup_format.manifest_bytes(manifest), mode=0o600)
     except BaseException:
         fsutil._unlink_quiet(dump_info["partial"])
+        fsutil._unlink_quiet(source)
         raise
 
 
 def run_backup(conn_params, store_params, backup_dir, pg_bin_dir=None, prefix=DEFAULT_PREFIX, force=False,
-               keep_daily=DEFAULT_KEEP_DAILY, keep_monthly=DEFAULT_KEEP_MONTHLY, check_mode=False, now=None):
+               keep_daily=DEFAULT_KEEP_DAILY, keep_monthly=DEFAULT_KEEP_MONTHLY, check_mode=False, now=None,
+               encryption=None):
     """Make one verified backup in ``backup_dir`` and apply retention.
+
+    ``encryption``: an :class:`agecrypt.Encryption` or its options (``s3.encryption``), checked before
+    anything is read; with ``encrypt_local`` the validated dump is kept only as age ciphertext (see the
+    room's docstring) and the result has ``encrypted: true``.  Without ``encrypt_local`` it changes nothing.
 
     Returns a dict: ``changed``, ``backup`` (path), ``manifest``, ``deleted``
     (names removed by retention), ``kept``, ``partials_removed``, ``skipped``
@@ -204,6 +232,12 @@ def run_backup(conn_params, store_params, backup_dir, pg_bin_dir=None, prefix=DE
     if not backup_dir or not os.path.isabs(backup_dir):
         raise BackupError("backup_dir must be an absolute path, got %r" % (backup_dir,))
     store = pgconn.Store.from_params(store_params or {})
+    if not isinstance(encryption, agecrypt.Encryption):
+        try:
+            encryption = agecrypt.Encryption.from_options(encryption)
+        except agecrypt.AgeError as exc:
+            raise BackupError("%s: no backup was made" % exc)
+    encrypt = encryption.encrypt_local
     try:
         bin_dir = pgtools.find_bin_dir(pg_bin_dir, "pg_dump")
         client_major, client_text = pgtools.client_version(bin_dir, "pg_dump")
@@ -245,6 +279,7 @@ def run_backup(conn_params, store_params, backup_dir, pg_bin_dir=None, prefix=DE
             "server_version": server_text,
             "client_version": client_text,
             "pg_bin_dir": bin_dir,
+            "encrypted": encrypt,
         }
         today = now.strftime("%Y-%m-%d")
         if not force:
@@ -271,7 +306,9 @@ def run_backup(conn_params, store_params, backup_dir, pg_bin_dir=None, prefix=DE
             result["deleted"] = apply_retention(backup_dir, prefix, keep_daily, keep_monthly, (name,), True,
                                                 backups=[pretend] + others)
             result["kind"] = kind
-            result["msg"] = "would write %s (%s) and delete %d old backup(s)" % (name, kind, len(result["deleted"]))
+            result["msg"] = "would write %s (%s%s) and delete %d old backup(s)" % (
+                name, kind, ", age-encrypted to %s" % ", ".join(encryption.fingerprints) if encrypt else "",
+                len(result["deleted"]))
             result["duration"] = round(time.monotonic() - started, 3)
             return result
 
@@ -302,6 +339,8 @@ def run_backup(conn_params, store_params, backup_dir, pg_bin_dir=None, prefix=DE
             "validated": info["validated"],
             "snapshot_time": info["snapshot_time"].astimezone(datetime.timezone.utc).isoformat(),
         }
+        if encrypt:
+            _encrypt(path, info, manifest, encryption)
         _publish(path, info, manifest)
         result["manifest"] = manifest
         # retention only after a verified backup exists; it is protected by name
@@ -309,8 +348,9 @@ def run_backup(conn_params, store_params, backup_dir, pg_bin_dir=None, prefix=DE
         keep, _delete = plan_retention(backups, keep_daily, keep_monthly, (name,))
         result["deleted"] = apply_retention(backup_dir, prefix, keep_daily, keep_monthly, (name,), backups=backups)
         result["kept"] = sorted(keep, reverse=True)
-        result["msg"] = "backup %s written (%d auth, %d keys rows), %d old backup(s) deleted" % (
-            name, info["counts"]["auth"], info["counts"]["keys"], len(result["deleted"]))
+        result["msg"] = "backup %s written (%d auth, %d keys rows%s), %d old backup(s) deleted" % (
+            name, info["counts"]["auth"], info["counts"]["keys"],
+            "; age-encrypted to %s" % ", ".join(encryption.fingerprints) if encrypt else "", len(result["deleted"]))
         result["duration"] = round(time.monotonic() - started, 3)
         return result
     finally:

@@ -41,6 +41,8 @@ ANY_PREFIX = object()  # for name_pattern and name_re: any prefix of PREFIX_PATT
 SEALED_DIR = ".sealed"
 SEAL_RECORD_SUFFIX = ".seal.json"
 ENCRYPTION_FORMAT = "age-v1"
+# a backup encrypted on the host (encrypt_local): its ciphertext is written as <name>.age.partial, then renamed
+ENCRYPTING_SUFFIX = ".age" + PARTIAL_SUFFIX
 
 
 # --------------------------------------------------------------------------- names
@@ -113,6 +115,11 @@ def parse_manifest(raw):
     return json.loads(raw.decode("utf-8"))
 
 
+def manifest_bytes(manifest):
+    """The bytes of a manifest file as a backup writes them (indented UTF-8 JSON, a final newline)."""
+    return (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -152,15 +159,29 @@ def manifest_problem(manifest, name):
     """Why a parsed manifest does not describe a valid backup ``name``, or ``None``.
 
     No file access (for a manifest in S3, or before the dump is looked at): every field a copy
-    needs (``sha256``, ``size``, ``created_at``, ``kind``) must be well formed.
+    needs (``sha256``, ``size``, ``created_at``, ``kind``) must be well formed, and so must the
+    ``encryption`` block of a backup encrypted on the host (:func:`local_encryption_problem`).
     """
     if not isinstance(manifest, dict):
         return "manifest is not a JSON object"
-    return _identity_problem(manifest, name) or _fields_problem(manifest) or _validation_problem(manifest)
+    return (_identity_problem(manifest, name) or _fields_problem(manifest) or _validation_problem(manifest)
+            or _local_problem(manifest))
 
 
 def checksum_problem(dump_path, manifest):
-    """Hash the dump: ``None`` when its size and sha256 are the manifest's, else the reason."""
+    """Hash the dump: ``None`` when its size and sha256 are the manifest's, else the reason.
+
+    The manifest's ``sha256`` is the plaintext's: for a dump encrypted on the host (a manifest with an
+    ``encryption`` block) this is the reason, since its plaintext cannot be hashed without an identity;
+    :func:`dump_problem` checks such a file against its ciphertext hashes.
+    """
+    if local_encryption(manifest) is not None:
+        return ("the dump is age ciphertext (encrypted on the host, encrypt_local): its plaintext cannot be hashed "
+                "without an identity (replication uploads it as it is only with encryption recipients set)")
+    return _digest_problem(dump_path, manifest)
+
+
+def _digest_problem(dump_path, manifest):
     try:
         sha, size = sha256_file(dump_path)
     except OSError as exc:
@@ -181,9 +202,17 @@ def dump_problem(dump_path, manifest, verify_checksum=False):
         return "dump unreadable: %s" % (exc.strerror or exc)
     if not stat.S_ISREG(st.st_mode):
         return "dump is not a regular file"
-    if st.st_size != manifest.get("size"):
-        return "size %d differs from the manifest's %r" % (st.st_size, manifest.get("size"))
-    return checksum_problem(dump_path, manifest) if verify_checksum else None
+    stored = stored_file(manifest)
+    if st.st_size != stored.get("size"):
+        return "size %d differs from the manifest's %r%s" % (st.st_size, stored.get("size"), _ct(manifest))
+    if not verify_checksum:
+        return None
+    problem = _digest_problem(dump_path, stored)
+    return problem + _ct(manifest) if problem else None
+
+
+def _ct(manifest):
+    return " (the ciphertext's)" if local_encryption(manifest) is not None else ""
 
 
 def backup_problem(dump_path, manifest, verify_checksum=False):
@@ -193,7 +222,7 @@ def backup_problem(dump_path, manifest, verify_checksum=False):
     regular file of the manifest's size (and, with ``verify_checksum``, sha256).
     """
     return (_identity_problem(manifest, os.path.basename(dump_path)) or _validation_problem(manifest)
-            or dump_problem(dump_path, manifest, verify_checksum))
+            or _local_problem(manifest) or dump_problem(dump_path, manifest, verify_checksum))
 
 
 def backup_problems(dump_path, manifest, verify_checksum=False):
@@ -211,12 +240,16 @@ def backup_problems(dump_path, manifest, verify_checksum=False):
         problems.append("manifest names %r, expected %r" % (manifest.get("file"), name))
     if not is_validated(manifest):
         problems.append("not validated (restore_list/row_counts)")
+    local = _local_problem(manifest)
+    if local:
+        problems.append(local)
+    stored = stored_file(manifest)
     try:
         st = os.stat(dump_path)
-        if st.st_size != manifest.get("size"):
-            problems.append("size %d differs from manifest %r" % (st.st_size, manifest.get("size")))
-        elif verify_checksum and sha256_file(dump_path)[0] != manifest.get("sha256"):
-            problems.append("sha256 differs from manifest")
+        if st.st_size != stored.get("size"):
+            problems.append("size %d differs from manifest %r%s" % (st.st_size, stored.get("size"), _ct(manifest)))
+        elif verify_checksum and sha256_file(dump_path)[0] != stored.get("sha256"):
+            problems.append("sha256 differs from manifest%s" % _ct(manifest))
     except OSError as exc:
         problems.append("dump file missing: %s" % (exc.strerror or exc))
     if parse_created_at(manifest.get("created_at")) is None:
@@ -246,9 +279,7 @@ def sealed_manifest(manifest_raw, manifest, encryption):
     return (json.dumps(sealed, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-def encryption_problem(manifest):
-    """Why a sealed manifest's ``encryption`` block is not usable, or ``None``."""
-    enc = manifest.get("encryption")
+def _block_problem(enc):
     if not isinstance(enc, dict):
         return "manifest has no encryption block"
     if enc.get("format") != ENCRYPTION_FORMAT:
@@ -259,9 +290,15 @@ def encryption_problem(manifest):
         return "encryption block has no valid size"
     if not isinstance(enc.get("recipients"), list) or not enc["recipients"]:
         return "encryption block names no recipient"
-    if not isinstance(manifest.get("plain_manifest"), str):
-        return "sealed manifest has no plain_manifest"
     return None
+
+
+def encryption_problem(manifest):
+    """Why a sealed manifest's ``encryption`` block is not usable, or ``None``."""
+    problem = _block_problem(manifest.get("encryption"))
+    if problem is None and not isinstance(manifest.get("plain_manifest"), str):
+        return "sealed manifest has no plain_manifest"
+    return problem
 
 
 def open_sealed_manifest(plain):
@@ -275,3 +312,52 @@ def open_sealed_manifest(plain):
         raise ValueError(problem)
     raw = sealed["plain_manifest"].encode("utf-8")
     return sealed, raw, parse_manifest(raw)
+
+
+# --------------------------------------------------------------------------- backups encrypted on the host
+#
+# With encrypt_local the backup job encrypts the validated dump itself: ``<name>.dump`` is age ciphertext and its
+# manifest stays plaintext JSON (readable without an identity: listing, retention, integrity, health) with the
+# manifest's usual fields (``sha256``/``size``: the plaintext dump's) and, last, an ``encryption`` block:
+# ``format``, ``recipients`` (fingerprints), ``sha256``/``size`` of the ciphertext file, ``plain_manifest_sha256``
+# (the manifest without the block, as :func:`manifest_bytes` writes it: the exact file a decrypting reader or fetch
+# gives back) and ``sealed_manifest`` (base64 of the age ciphertext of :func:`sealed_manifest`, made once with the
+# dump: the manifest object replication uploads) with its ``sealed_manifest_sha256``.
+
+
+def local_encryption(manifest):
+    """The ``encryption`` block of a local manifest whose dump is age ciphertext (encrypt_local), or ``None``."""
+    return manifest.get("encryption") if isinstance(manifest, dict) else None
+
+
+def plain_manifest(manifest):
+    """A local manifest without its ``encryption`` block: the manifest of the plaintext dump."""
+    return {k: v for k, v in manifest.items() if k != "encryption"}
+
+
+def stored_file(manifest):
+    """What the dump file on disk must hash to (a dict with ``sha256`` and ``size``): the ciphertext's for a
+    dump encrypted on the host, else the manifest's own fields."""
+    enc = local_encryption(manifest)
+    return enc if isinstance(enc, dict) else manifest
+
+
+def local_encryption_problem(manifest):
+    """Why the ``encryption`` block of a local manifest (encrypt_local) is not usable, or ``None``."""
+    enc = manifest.get("encryption")
+    problem = _block_problem(enc)
+    if problem:
+        return problem
+    for key in ("plain_manifest_sha256", "sealed_manifest_sha256"):
+        if not isinstance(enc.get(key), str) or not _SHA_RE.match(enc[key]):
+            return "encryption block has no valid %s" % key
+    if not isinstance(enc.get("sealed_manifest"), str) or not enc["sealed_manifest"]:
+        return "encryption block has no sealed_manifest"
+    if hashlib.sha256(manifest_bytes(plain_manifest(manifest))).hexdigest() != enc["plain_manifest_sha256"]:
+        return "the manifest's fields differ from the ones recorded when the dump was encrypted"
+    return None
+
+
+def _local_problem(manifest):
+    return None if local_encryption(manifest) is None else local_encryption_problem(manifest)
+

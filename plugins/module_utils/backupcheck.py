@@ -96,6 +96,10 @@ def load_valid(backup_path, verify_checksum=True):
     problem = backup_format.backup_problem(backup_path, manifest, verify_checksum)
     if problem:
         raise BackupError("%s is not a valid backup: %s" % (backup_path, problem))
+    if backup_format.local_encryption(manifest) is not None:
+        made_for = ", ".join(str(r) for r in manifest["encryption"]["recipients"])
+        raise BackupError("%s is age-encrypted (encrypted on the host, encrypt_local, to %s): give identity_file or "
+                          "identity to read it" % (backup_path, made_for))
     return backup_path, manifest
 
 

@@ -194,8 +194,10 @@ def apply_retention(backup_dir, prefix=DEFAULT_PREFIX, keep_daily=DEFAULT_KEEP_D
 
 
 def remove_stale_partials(backup_dir, prefix=DEFAULT_PREFIX, check_mode=False):
-    """Remove what a killed run left: ``<name>.partial`` and half-written manifests.  Returns the names."""
+    """Remove what a killed run left: ``<name>.partial``, ``<name>.age.partial`` (encrypt_local) and
+    half-written manifests.  Returns the names."""
     dump_re = backup_format.name_re(prefix, backup_format.PARTIAL_SUFFIX)
+    ciphertext_re = backup_format.name_re(prefix, backup_format.ENCRYPTING_SUFFIX)
     tmp_re = re.compile(r"^%s\d+-%s$" % (re.escape(fsutil.TEMP_PREFIX),
                                          backup_format.name_pattern(prefix, MANIFEST_SUFFIX)))
     removed = []
@@ -204,7 +206,7 @@ def remove_stale_partials(backup_dir, prefix=DEFAULT_PREFIX, check_mode=False):
     except FileNotFoundError:
         return removed
     for name in sorted(names):
-        if dump_re.match(name) or tmp_re.match(name):
+        if dump_re.match(name) or ciphertext_re.match(name) or tmp_re.match(name):
             if not check_mode:
                 try:
                     os.unlink(os.path.join(backup_dir, name))

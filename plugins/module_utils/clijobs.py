@@ -199,10 +199,13 @@ def job_backup(ctx, log):
             prefix=ctx.backup_prefix(), force=bool(ctx.args.force),
             keep_daily=int(retention.get("keep_daily", backup.DEFAULT_KEEP_DAILY)),
             keep_monthly=int(retention.get("keep_monthly", backup.DEFAULT_KEEP_MONTHLY)),
-            check_mode=bool(ctx.args.check))
+            check_mode=bool(ctx.args.check),
+            # s3.encryption.encrypt_local: the local dump is kept as age ciphertext only
+            encryption=ctx.section("s3").get("encryption"))
         manifest = result.get("manifest") or {}
         step.counts(changed=result.get("changed"), backup=result.get("backup"), size=manifest.get("size"),
-                    deleted=len(result.get("deleted") or []), skipped=result.get("skipped"))
+                    deleted=len(result.get("deleted") or []), skipped=result.get("skipped"),
+                    encrypted=result.get("encrypted"))
     summary = result.get("msg") or "%s %s" % ("backup" if result.get("changed") else "no new backup",
                                               result.get("backup") or "")
     s3_cfg = ctx.section("s3")

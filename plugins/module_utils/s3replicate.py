@@ -6,8 +6,10 @@
 Part of the S3 code (s3.py is the map).  Finds the valid local backups
 (:func:`scan_local_backups`, per backup_format.py), lists each target, HEADs the objects
 the listing shows with the right size, and uploads (single part with a SHA256 checksum, or
-multipart) and verifies what a target lacks.  The module ``s3_replicate`` and the cron
-tool call it; imports s3conf, s3objects and backup_format.  No Ansible import.
+multipart) and verifies what a target lacks.  The local work a backup needs before its upload
+(its sealing with encryption on, else the hashing of its dump) runs on one thread ahead of the
+upload workers (:class:`_Preparer`).  The module ``s3_replicate`` and the cron tool call it;
+imports s3conf, s3objects and backup_format.  No Ansible import.
 
 Invariants
 ----------
@@ -28,6 +30,7 @@ Invariants
 """
 from __future__ import absolute_import, division, print_function
 
+import collections
 import hashlib
 import os
 import threading
@@ -217,10 +220,12 @@ class _TargetRun:
             return False
 
     # -- the run
-    def run(self, backups, local_check):
+    def run(self, backups, local_check, ahead=None):
+        """``local_check(b)``: the local backup's problem or ``None`` (sealing it when encryption is on);
+        ``ahead(backups)``, when given, is told which backups this run will ask that for, in order."""
         started = time.monotonic()
         try:
-            self._run(backups, local_check)
+            self._run(backups, local_check, ahead)
         finally:
             self.result["retries"] = self.policy.retried
             self.result["seconds"] = round(time.monotonic() - started, 3)
@@ -242,7 +247,7 @@ class _TargetRun:
         if not backups:  # nothing to copy, but a target that cannot be used is still a failure
             self.fail("(target)", error)
 
-    def _run(self, backups, local_check):
+    def _run(self, backups, local_check, ahead):
         try:
             self.client = self.client_factory(self.t, self.st)
         except s3conf.S3Error as exc:
@@ -284,6 +289,8 @@ class _TargetRun:
                 problem = s3objects.head_problem(head, size, sha)
                 state[k] = "ok" if problem is None else problem
 
+        if ahead is not None:  # sealed (or hashed) in this order on one thread, ahead of the uploads below
+            ahead([b for b in backups if self._needs_local_check(b, state)])
         # several backups in flight at once (newest first): hides per-request latency
         workers = min(self.st.backup_concurrency, len(backups)) or 1
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -295,6 +302,15 @@ class _TargetRun:
             if field in self.result:
                 self.result[field].sort(key=lambda k: order.get(k, 0))
         self.result["failed"].sort(key=lambda f: order.get(f["key"], 0))
+
+    def _needs_local_check(self, b, state):
+        """Whether :meth:`_replicate_backup` will ask ``local_check`` for ``b`` (its dump is to be sent, or
+        its manifest is and it has no sealed copy yet)."""
+        dump_state = state[s3objects.object_key(self.t, b["name"], b["kind"])]
+        if dump_state.startswith("error: "):
+            return False
+        man_state = state[s3objects.object_key(self.t, b["name"] + backup_format.MANIFEST_SUFFIX, b["kind"])]
+        return dump_state != "ok" or (man_state != "ok" and not self.st.check_mode and self.view(b) is None)
 
     def _one_backup(self, b, state, local_check):
         dump_key = s3objects.object_key(self.t, b["name"], b["kind"])
@@ -361,6 +377,68 @@ class _TargetRun:
         self.add("bytes_uploaded", len(v["manifest_bytes"]))
 
 
+class _Preparer:
+    """Runs ``check`` (replicate's ``local_check``: the sealing of a backup, or the hashing of its dump) for
+    the backups the target runs will ask it for, in their order, on one thread ahead of the upload workers:
+    the CPU and disk work for backup N+1 overlaps the upload of backup N, instead of each worker doing both
+    in turn.  At most ``ahead`` backups are prepared and not yet asked for.  A worker that asks for one not
+    prepared yet runs ``check`` itself (``check`` is serialised per backup and keeps its first result), so
+    no worker ever waits for this thread, and an error in it is met again by the worker that asks."""
+
+    def __init__(self, check, ahead):
+        self._check = check
+        self._ahead = max(1, ahead)
+        self._cond = threading.Condition()
+        self._queue = collections.deque()
+        self._seen, self._ready, self._asked = set(), set(), set()
+        self._stopped = False
+        self._thread = None
+
+    def ahead_of(self, backups):
+        with self._cond:
+            for b in backups:
+                if b["name"] not in self._seen:
+                    self._seen.add(b["name"])
+                    self._queue.append(b)
+            if self._thread is None and self._queue and not self._stopped:
+                self._thread = threading.Thread(target=self._run, name="s3replicate-prepare", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def check(self, b):
+        with self._cond:
+            self._asked.add(b["name"])
+            self._ready.discard(b["name"])
+            self._cond.notify_all()
+        return self._check(b)
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while not self._stopped and (not self._queue or len(self._ready) >= self._ahead):
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                b = self._queue.popleft()
+                if b["name"] in self._asked:
+                    continue
+            try:
+                self._check(b)
+            except Exception:  # noqa: BLE001 - the worker that asks for it runs it again and meets the error
+                pass
+            with self._cond:
+                if b["name"] not in self._asked:
+                    self._ready.add(b["name"])
+
+    def stop(self):
+        """Stop after the backup in hand (nothing is left half-made: ``check`` finishes it) and wait."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+
 class _ObjectFailure(errors.BaileysResilienceError):
     """One object could not be replicated and verified."""
 
@@ -420,14 +498,14 @@ def replicate(backup_dir, targets, settings=None, name_prefix=backup_format.DEFA
             if b["name"] not in local_checked:
                 if encryption.enabled and not settings.check_mode:
                     try:
-                        copy, problem = backupseal.seal(backup_dir, b, encryption)
+                        copy, problem = backupseal.prepare(backup_dir, b, encryption)
                     except (OSError, agecrypt.AgeError) as exc:
                         copy, problem = None, "cannot encrypt: %s" % (getattr(exc, "strerror", None) or exc)
                     if copy is not None:
                         copy["meta"] = {"age-recipients": ",".join(copy["recipients"])}
                     sealed[b["name"]] = copy
                 else:
-                    problem = verify_local(b)
+                    problem = backupseal.local_problem(b, encryption)
                 local_checked[b["name"]] = problem
                 if problem:
                     invalid.append({"name": b["name"], "reason": problem})
@@ -442,9 +520,13 @@ def replicate(backup_dir, targets, settings=None, name_prefix=backup_format.DEFA
         return copy
 
     results = []
-    for t in targets:
-        results.append(_TargetRun(t, settings, client_factory, _log, view, encryption.enabled)
-                       .run(backups, local_check))
+    preparer = _Preparer(local_check, settings.backup_concurrency)
+    try:
+        for t in targets:
+            results.append(_TargetRun(t, settings, client_factory, _log, view, encryption.enabled)
+                           .run(backups, preparer.check, preparer.ahead_of))
+    finally:
+        preparer.stop()
     if not backups:
         warnings.append("no valid backup named %s-<stamp>.dump in %s" % (name_prefix or "<prefix>", backup_dir))
     for entry in invalid:

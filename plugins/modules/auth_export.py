@@ -103,9 +103,11 @@ options:
   backup_file:
     description:
       - The C(.dump) file to read with O(source=backup).
-      - It may be age-encrypted (a sealed copy from C(<backup_dir>/.sealed/), with its encrypted manifest beside
-        it); it is then decrypted with O(identity_file) or O(identity) into a private temporary directory that
-        is removed before the export is written.
+      - It may be age-encrypted (a backup the backup job encrypted on the host with C(encrypt_local), or a sealed
+        copy from C(<backup_dir>/.sealed/) with its encrypted manifest beside it); it is then decrypted with
+        O(identity_file) or O(identity) into a private temporary directory that is removed before the export is
+        written. The files are the same as from the plaintext backup. A wrong identity fails naming the
+        recipient fingerprints the backup was made for.
     type: path
   identity_file:
     description:

@@ -46,6 +46,19 @@ options:
     description:
       - Directory holding C(pg_restore). Default, the newest C(/usr/lib/postgresql/*/bin).
     type: path
+  identity_file:
+    description:
+      - File holding the age identity that opens an encrypted O(backup_file) (a backup the backup job encrypted
+        on the host with C(encrypt_local), a sealed copy from C(<backup_dir>/.sealed/), or objects downloaded as
+        they are); see docs/encryption.md. It is decrypted into a private (0700) temporary directory, removed
+        afterwards, and restored from there.
+      - An encrypted O(backup_file) without an identity fails, saying so; a wrong identity fails naming the
+        recipient fingerprints the backup was made for, and leaves no file.
+    type: path
+  identity:
+    description:
+      - The identity's content instead of a file (for example from ansible-vault). Never logged.
+    type: str
 notes:
   - O(login_db) is the database to connect to for C(CREATE DATABASE) (for example C(postgres)).
 seealso:
@@ -62,6 +75,13 @@ EXAMPLES = r"""
     login_db: postgres
     backup_file: /var/backups/baileys-resilience/dr/baileys-auth-20261124T030000Z.dump
     restore_db: whatsapp
+
+- name: Restore a backup the backup job encrypted on the host (encrypt_local)
+  baileys.resilience.backup_restore:
+    login_db: postgres
+    backup_file: /var/backups/baileys-resilience/baileys-auth-20261124T030000Z.dump
+    restore_db: whatsapp_restored
+    identity: "{{ vault_baileys_age_identity }}"
 """
 
 RETURN = r"""
@@ -86,6 +106,10 @@ restored:
   description: Whether this run restored the backup.
   returned: always
   type: bool
+decrypted:
+  description: Whether O(backup_file) was age ciphertext, decrypted with the identity given.
+  returned: always
+  type: bool
 duration:
   description: Seconds the whole task took.
   returned: always
@@ -94,7 +118,7 @@ duration:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.baileys.resilience.plugins.module_utils import backup, pgconn
+from ansible_collections.baileys.resilience.plugins.module_utils import agecrypt, backup, backupseal, pgconn
 
 
 def main():
@@ -105,17 +129,24 @@ def main():
             backup_file=dict(type="path", required=True),
             restore_db=dict(type="str", required=True),
             pg_bin_dir=dict(type="path"),
+            identity_file=dict(type="path"),
+            identity=dict(type="str", no_log=True),
         ),
+        mutually_exclusive=[("identity_file", "identity")],
         supports_check_mode=True,
     )
     p = module.params
     module.no_log_values.update(pgconn.secret_values(p))  # connect_params' secret keys (not the dict)
     conn_params, store_params = pgconn.split_params(p)
     try:
-        result = backup.restore_backup(p["backup_file"], conn_params, p["restore_db"], store_params,
-                                       pg_bin_dir=p["pg_bin_dir"], check_mode=module.check_mode)
+        identities = agecrypt.load_identities(p["identity_file"], p["identity"])
+        with backupseal.opened_backup(p["backup_file"], identities, "restore") as path:
+            result = backup.restore_backup(path, conn_params, p["restore_db"], store_params,
+                                           pg_bin_dir=p["pg_bin_dir"], check_mode=module.check_mode)
+        result["decrypted"] = path != p["backup_file"]
+        result["backup"] = p["backup_file"]
         result["restore_db"] = result.pop("database")
-    except (backup.BackupError, pgconn.PgError) as exc:
+    except (backup.BackupError, pgconn.PgError, agecrypt.AgeError) as exc:
         module.fail_json(msg=pgconn._scrub(exc, conn_params))
     module.exit_json(**result)
 

@@ -56,13 +56,15 @@ options:
     type: path
   identity_file:
     description:
-      - File holding the age identity that opens an encrypted O(backup_file) (a sealed copy from
-        C(<backup_dir>/.sealed/), or objects downloaded as they are, with the encrypted manifest beside it).
+      - File holding the age identity that opens an encrypted backup (a backup the backup job encrypted on the
+        host with C(encrypt_local), whose manifest stays plaintext; a sealed copy from C(<backup_dir>/.sealed/);
+        or objects downloaded as they are, with the encrypted manifest beside it).
         The backup is decrypted into a private temporary directory (removed afterwards) and tested as usual;
         RV(decrypted) is then true. See docs/encryption.md.
       - Without an identity, an encrypted backup is only checked for integrity (its ciphertext sha256 and size
-        against the seal record C(<backup_file>.seal.json)); nothing is restored, RV(decrypted) is false and
-        the task's message says so plainly.
+        against the seal record C(<backup_file>.seal.json), or against the C(encryption) block of the plaintext
+        manifest of a backup encrypted on the host); nothing is restored, RV(decrypted) is false and the task's
+        message says so plainly. This also holds in O(backup_dir) mode when the newest valid backup is encrypted.
     type: path
   identity:
     description:

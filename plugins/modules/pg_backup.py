@@ -77,6 +77,33 @@ options:
       - Number of most recent months whose first backup is kept.
     type: int
     default: 4
+  encryption:
+    description:
+      - The backup encryption settings (docs/encryption.md), the same dict as the C(encryption) option of
+        M(baileys.resilience.s3_replicate) and the host command's C(s3.encryption). Only
+        O(encryption.encrypt_local=true) changes what this module writes; the options are checked (an unknown
+        name, a recipient that does not parse, O(encryption.encrypt_local) or O(encryption.required) without
+        recipients) before anything is read.
+      - With O(encryption.encrypt_local=true) the dump is written and validated exactly as without it, then
+        encrypted as a stream (the Python package C(pyrage)) into the backup file, which is age ciphertext
+        (0600); the plaintext temporary file is removed. The manifest stays plaintext and records the sha256 and
+        size of the plaintext and of the ciphertext, the recipients' fingerprints and the format, so listing,
+        retention and integrity checks need no identity. Replication uploads such a backup as it is.
+    type: dict
+    suboptions:
+      recipients:
+        description: age X25519 public keys (C(age1...)). Only public keys; a secret key here is refused.
+        type: list
+        elements: str
+        default: []
+      required:
+        description: Refuse to run without recipients.
+        type: bool
+        default: false
+      encrypt_local:
+        description: Keep the local backup only as age ciphertext for O(encryption.recipients).
+        type: bool
+        default: false
 notes:
   - The dump covers the whole database named by O(login_db); the manifest counts the rows of the
     auth-state tables named by O(schema), O(auth_table) and O(keys_table).
@@ -104,6 +131,14 @@ EXAMPLES = r"""
     force: true
     keep_daily: 14
 
+- name: Backup kept only as age ciphertext on the host (encrypt_local)
+  baileys.resilience.pg_backup:
+    login_db: whatsapp
+    backup_dir: /var/backups/baileys
+    encryption:
+      recipients: "{{ baileys_age_recipients }}"  # public keys (age1...)
+      encrypt_local: true
+
 - name: What would the backup job do?
   baileys.resilience.pg_backup:
     login_db: whatsapp
@@ -112,6 +147,10 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+encrypted:
+  description: Whether the backup is written as age ciphertext (O(encryption.encrypt_local)).
+  returned: always
+  type: bool
 backup:
   description:
     - Path of the backup written (or that would be written, in check mode), or of today's existing
@@ -184,6 +223,10 @@ def main():
             force=dict(type="bool", default=False),
             keep_daily=dict(type="int", default=7),
             keep_monthly=dict(type="int", default=4),
+            encryption=dict(type="dict", options=dict(
+                recipients=dict(type="list", elements="str", default=[]),
+                required=dict(type="bool", default=False),
+                encrypt_local=dict(type="bool", default=False))),
         ),
         supports_check_mode=True,
     )
@@ -194,7 +237,7 @@ def main():
         result = backup.run_backup(
             conn_params, store_params, p["backup_dir"], pg_bin_dir=p["pg_bin_dir"], prefix=p["prefix"],
             force=p["force"], keep_daily=p["keep_daily"], keep_monthly=p["keep_monthly"],
-            check_mode=module.check_mode,
+            check_mode=module.check_mode, encryption=p["encryption"],
         )
     except (backup.BackupError, pgconn.PgError) as exc:
         module.fail_json(msg=pgconn._scrub(exc, conn_params))

@@ -107,7 +107,13 @@ options:
         default: false
       encrypt_local:
         description:
-          - Reserved. C(true) is refused for now; local dumps stay plaintext with mode 0600.
+          - Whether the backup job keeps the local backups as age ciphertext too (M(baileys.resilience.pg_backup)'s
+            O(encryption.encrypt_local), the host command's C(s3.encryption.encrypt_local)); needs recipients.
+            Accepted here so that one dict serves both; replication does not depend on it.
+          - A local backup the backup job encrypted is uploaded as it is (its ciphertext and the sealed manifest
+            its manifest carries, made when the backup was made), with no second encryption and no C(.sealed/) copy,
+            also after the recipients changed (it cannot be encrypted again without an identity). Without
+            recipients such a backup is not uploaded and is reported as not valid.
         type: bool
         default: false
 notes:

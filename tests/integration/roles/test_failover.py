@@ -149,3 +149,51 @@ def test_rollback_and_return_as_an_operator_runs_them(ansible_env, db, dbconn, t
     assert len(aside) == 1 and stat.S_IMODE(os.stat(aside[0]).st_mode) == 0o700
     assert (aside[0] / "company-001" / "pre-key-515151.json").exists()
     assert not (c1 / "pre-key-515151.json").exists()  # reseeded from the store
+
+
+def test_rollback_from_a_local_backup_encrypted_on_the_host(ansible_env, db, dbconn, tmp_path):
+    """encrypt_local: with the database down the newest local backup is age ciphertext; without an identity the
+    rollback stops and says so, with failover_backup_identity it exports the same files as from the database."""
+    import sys
+
+    import pyrage
+
+    from ansible_collections.baileys.resilience.plugins.module_utils import authstate, backup
+
+    load_into(dbconn, generate(2, seed=53, form="base64", mix=MIX))
+    ident = pyrage.x25519.Identity.generate()
+    backups = tmp_path / "backups"
+    made = backup.run_backup(db, {}, str(backups),
+                             encryption={"recipients": [str(ident.to_public())], "encrypt_local": True})
+    expected = tmp_path / "expected"
+    authstate.export_from_database(db, {}, authstate.ExportOptions(str(expected)))
+    app = tmp_path / "app"
+    app.mkdir()
+    env_file = app / "app.env"
+    env_file.write_text("USE_REPOSITORY_PATTERN=true\n")
+    os.chmod(env_file, 0o600)
+    sessions = app / "sessions"
+    work = tmp_path / "work"
+    work.mkdir()
+    v = {
+        "failover_sessions_dir": str(sessions), "failover_env_file": str(env_file),
+        "failover_db_host": db["login_host"], "failover_db_port": 1, "failover_db_user": db["login_user"],
+        "failover_db_password": db["login_password"], "failover_db_name": db["login_db"],
+        "failover_service_manager": "none", "failover_health_type": "command", "failover_health_command": "true",
+        "failover_backup_dir": str(backups), "failover_cli_python": sys.executable,
+    }
+    rc, res, stats, out = run(ansible_env, "emergency_rollback.yml", v, work)
+    assert rc != 0 and "is age-encrypted" in out and "failover_backup_identity" in out, out[-3000:]
+    assert not sessions.exists() and "USE_REPOSITORY_PATTERN=true" in env_file.read_text()
+
+    rc, res, stats, out = run(ansible_env, "emergency_rollback.yml", dict(v, failover_backup_identity=str(ident)),
+                              work)
+    assert rc == 0, out[-3000:]
+    assert str(ident) not in out
+    report = res["Rollback | report"]["failover_rollback_report"]
+    assert report["source"] == "backup" and report["backup_file"] == made["backup"] and int(report["companies"]) == 2
+    def keys_of(path):  # the files the service reads (each company's export manifest names its source)
+        return {k: v for k, v in tree(path).items() if not k.endswith(".baileys-resilience-manifest.json")}
+    assert keys_of(sessions) and keys_of(sessions) == keys_of(expected)
+    state = json.loads((app / ".baileys-resilience-failover.json").read_text())
+    assert state["mode"] == "files" and state["source"]["sha256"] == made["manifest"]["sha256"]

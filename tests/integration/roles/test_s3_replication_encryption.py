@@ -125,3 +125,21 @@ def test_valid_recipients_pass_the_preflight(setup):
     parsed = dict(results)["Preflight | the recipients parse (the host command's age library)"]
     assert parsed.get("rc") == 0 and not parsed.get("skipped"), parsed
     assert stats["changed"] == 0, stats
+
+
+def test_encrypt_local_without_recipients_is_refused(setup):
+    refused(setup, "Preflight | encryption recipients", ["s3_replication_encryption_local is true and no recipient"],
+            s3_replication_encryption_recipients=[], s3_replication_encryption_local=True)
+
+
+def test_encrypt_local_with_recipients_passes_and_reaches_the_config(setup):
+    rc, results, stats, out = run_role(setup, "preflight.yml", s3_replication_encryption_recipients=[GOOD],
+                                       s3_replication_encryption_local=True)
+    assert rc == 0, out
+    parsed = dict(results)["Preflight | the recipients parse (the host command's age library)"]
+    assert parsed.get("rc") == 0 and not parsed.get("skipped"), parsed
+    with open(os.path.join(ROOT, "roles", "s3_replication", "tasks", "main.yml")) as fh:
+        tasks = yaml.safe_load(fh)
+    [fragment] = [t for t in tasks if t["name"].startswith("Write the replication settings")]
+    encryption = fragment["vars"]["common_config"]["s3"]["encryption"]
+    assert encryption["encrypt_local"] == "{{ s3_replication_encryption_local | bool }}"

@@ -152,3 +152,53 @@ def test_mistyped_encryption_option_stops_before_any_upload(host_pkg, db, dbconn
         assert "s3.encryption" in proc.stderr or "recipient 1" in proc.stderr
         assert not list_keys(moto.url, eu, "eu-west-1")
         assert not os.path.exists(str(tmp_path / "backups"))
+
+
+def test_encrypt_local_backup_is_uploaded_as_it_is_and_verified(host_pkg, db, dbconn, tmp_path, moto):
+    """s3.encryption.encrypt_local: the backup job keeps only ciphertext, replication uploads it unchanged, the
+    restore test decrypts with --identity-file and says plainly when it did not."""
+    companies = authgen.generate(2, seed=13, form="mixed", mix=MIX)
+    authgen.load_into(dbconn, companies)
+    ops_file, ops_pub = keypair(tmp_path, "ops")
+    stranger_file, _stranger_pub = keypair(tmp_path, "stranger")
+    eu = create_bucket(moto.url, "eu-west-1")
+    targets = [{"name": "eu", "bucket": eu, "region": "eu-west-1", "endpoint_url": moto.url, "prefix": "wa",
+                "credentials_file": creds_file(tmp_path / "s3.credentials")}]
+    backups = tmp_path / "backups"
+    s3cfg = {"targets": targets, "encryption": {"recipients": [ops_pub], "encrypt_local": True}}
+    config = write_config(tmp_path / "config.yml", db, backup_dir=str(backups), lock_dir=str(tmp_path), s3=s3cfg)
+
+    proc = run_host(host_pkg, ["--config", config, "backup", "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["encrypted"] and result["replication"]["ok"] and result["replication"]["uploaded"] == 2
+    with open(result["backup"], "rb") as fh:
+        local = fh.read()
+    assert local.startswith(b"age-encryption.org/v1\n")
+    assert not os.path.exists(os.path.join(str(backups), ".sealed"))
+    for base, _dirs, files in os.walk(str(backups)):
+        for n in files:
+            with open(os.path.join(base, n), "rb") as fh:
+                data = fh.read()
+            assert b"PGDMP" not in data, n
+            for cid in companies:
+                assert cid.encode() not in data, (n, cid)
+    objs = objects(moto.url, eu, "eu-west-1")
+    assert objs["wa/monthly/" + os.path.basename(result["backup"])] == local
+
+    proc = run_host(host_pkg, ["--config", config, "verify", "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    verified = json.loads(proc.stdout)
+    assert verified["decrypted"] is False and "NOT decrypted" in verified["msg"]
+    proc = run_host(host_pkg, ["--config", config, "verify", "--json", "--identity-file", ops_file])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    verified = json.loads(proc.stdout)
+    assert verified["decrypted"] is True and verified["ok"] and verified["restored"]
+    assert verified["counts"] == result["manifest"]["counts"]
+    proc = run_host(host_pkg, ["--config", config, "verify", "--json", "--identity-file", stranger_file])
+    assert proc.returncode != 0 and "cannot be decrypted with the identity given" in proc.stdout + proc.stderr
+
+    s3cfg["encryption"] = {"encrypt_local": True}
+    config = write_config(tmp_path / "config.yml", db, backup_dir=str(backups), lock_dir=str(tmp_path), s3=s3cfg)
+    proc = run_host(host_pkg, ["--config", config, "backup", "--force"])
+    assert proc.returncode == 2 and "encrypt_local is true but no recipient" in proc.stderr

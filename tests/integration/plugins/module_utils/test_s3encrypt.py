@@ -192,7 +192,15 @@ def test_plaintext_is_refused_at_the_upload(moto, backup_dir, keys, monkeypatch)
     """Fail closed: a sealed file that is not ciphertext is not sent."""
     marker_backup(backup_dir, 1)
     bucket = create_bucket(moto.url, "eu-west-1")
-    monkeypatch.setattr(agecrypt, "encrypt_file", lambda src, dest, enc: open(dest, "wb").write(open(src, "rb").read()))
+
+    def broken_encryptor(src, dest, enc, expect=None):  # writes the plaintext and says it encrypted it
+        data = src.read()
+        with open(dest, "wb") as fh:
+            fh.write(data)
+        sha = hashlib.sha256(data).hexdigest()
+        return {"plain_sha256": sha, "plain_size": len(data), "sha256": sha, "size": len(data)}
+
+    monkeypatch.setattr(agecrypt, "encrypt_file", broken_encryptor)
     res = s3.replicate(backup_dir, [target(moto.url, bucket, "eu-west-1")], settings(),
                        encryption={"recipients": [keys["ops"][1]]})
     assert not res["ok"]

@@ -203,3 +203,45 @@ def test_config_section_is_checked_at_load(tmp_path):
         load("s3:\n  encryption:\n    recipients: [age1short]\n")
     with pytest.raises(cliconfig.ConfigError, match="no recipient is configured"):
         load("s3:\n  encryption:\n    required: true\n")
+
+
+def test_encrypt_local_needs_recipients():
+    _s, public = keypair()
+    enc = agecrypt.Encryption.from_options({"recipients": [public], "encrypt_local": True})
+    assert enc.encrypt_local and enc.enabled
+    assert not agecrypt.Encryption.from_options({"recipients": [public]}).encrypt_local
+    for options in ({"encrypt_local": True}, {"recipients": [], "encrypt_local": True, "required": False}):
+        with pytest.raises(agecrypt.AgeError, match="encrypt_local is true but no recipient is configured"):
+            agecrypt.Encryption.from_options(options)
+    with pytest.raises(agecrypt.AgeError, match="encrypt_local must be true or false"):
+        agecrypt.Encryption.from_options({"recipients": [public], "encrypt_local": "yes"})
+
+
+def test_encrypt_file_hashed_hashes_both_sides_and_leaves_nothing_on_failure(tmp_path):
+    secret, public = keypair()
+    data = b"PGDMP" + os.urandom(700_000)
+    (tmp_path / "plain").write_bytes(data)
+    (tmp_path / "ct.partial").write_bytes(b"stale")
+    info = agecrypt.encrypt_file_hashed(str(tmp_path / "plain"), str(tmp_path / "ct.partial"),
+                                        agecrypt.Encryption([public]))
+    ct = (tmp_path / "ct.partial").read_bytes()
+    assert ct.startswith(agecrypt.HEADER) and stat.S_IMODE(os.stat(tmp_path / "ct.partial").st_mode) == 0o600
+    assert info == {"plain_sha256": hashlib.sha256(data).hexdigest(), "plain_size": len(data),
+                    "sha256": hashlib.sha256(ct).hexdigest(), "size": len(ct)}
+    assert pyrage.decrypt(ct, [pyrage.x25519.Identity.from_str(secret)]) == data
+    with pytest.raises(FileNotFoundError):
+        agecrypt.encrypt_file_hashed(str(tmp_path / "missing"), str(tmp_path / "x.partial"),
+                                     agecrypt.Encryption([public]))
+    assert not (tmp_path / "x.partial").exists()
+
+
+def test_config_encrypt_local_is_checked_at_load(tmp_path):
+    _s, public = keypair()
+    path = tmp_path / "config.yml"
+    path.write_text("s3:\n  encryption:\n    encrypt_local: true\n")
+    path.chmod(0o600)
+    with pytest.raises(cliconfig.ConfigError, match="encrypt_local is true but no recipient"):
+        cliconfig.load_config(str(path))
+    path.write_text("s3:\n  targets: [{bucket: b}]\n  encryption:\n    recipients: [%s]\n    encrypt_local: true\n"
+                    % public)
+    assert cliconfig.load_config(str(path))["s3"]["encryption"]["encrypt_local"] is True
