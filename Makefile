@@ -67,7 +67,7 @@ sanity: venv collection
 PSYCOPG2_TESTS := $(addprefix tests/integration/plugins/module_utils/,test_pgdriver.py test_authstate.py \
   test_authguards.py test_authsource.py test_backup.py test_cleanup.py test_health.py)
 pytest: deps
-	$(PY) -m pytest tests/unit tests/integration
+	$(PY) -m pytest --durations=15 tests/unit tests/integration
 	BAILEYS_RESILIENCE_PG_DRIVER=psycopg2 $(PY) -m pytest $(PSYCOPG2_TESTS)
 
 pytest-psycopg2: deps
