@@ -360,4 +360,3 @@ def local_encryption_problem(manifest):
 
 def _local_problem(manifest):
     return None if local_encryption(manifest) is None else local_encryption_problem(manifest)
-

@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: baileys.resilience contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""``baileys-resilience``: the host tool (backup, verify, cleanup, health, export, import).
+"""``baileys-resilience``: the host tool (backup, verify, cleanup, health, export, import, pitr-metrics...).
 
 Made from the same core as the Ansible modules, with relative imports only, so it runs both as
 ``ansible_collections.baileys.resilience.plugins.module_utils.cli`` and with this directory
@@ -68,6 +68,7 @@ job_cleanup = clijobs.job_cleanup
 job_health = clijobs.job_health
 job_export = clijobs.job_export
 job_import = clijobs.job_import
+job_pitr_metrics = clijobs.job_pitr_metrics
 
 
 # --------------------------------------------------------------------------- arguments
@@ -158,6 +159,13 @@ def build_parser():
                    % probe.DEFAULT_INTERVAL)
     p.add_argument("--count", type=int, metavar="N", help="with --loop, stop after N probes")
 
+    p = sub.add_parser("pitr-metrics", parents=[common],
+                       help="the pitr role's WAL streaming (Barman receive-wal, the replication slot's lag, barman "
+                            "check, WAL not archived): metrics into baileys_pitr.prom, an alert per problem; exit 1 "
+                            "when receive-wal is down or the slot is missing, lost or over its lag limit")
+    p.add_argument("--pitr-config", metavar="PATH",
+                   help="the pitr role's settings (default: pitr.json next to the config file)")
+
     p = sub.add_parser("export", parents=[common], help="mirror the store into useMultiFileAuthState directories")
     p.add_argument("--dest", metavar="DIR", help="root directory (default: config export.dest)")
     p.add_argument("--company", action="append", dest="companies", metavar="ID", help="only this company (repeat)")
@@ -193,7 +201,7 @@ def main(argv=None, stdout=None, stderr=None):
         path = getattr(args, "config", None) or os.environ.get("BAILEYS_RESILIENCE_CONFIG") or DEFAULT_CONFIG
         try:
             config = load_config(path)
-            ctx = Context(args, config, stdout, stderr)
+            ctx = Context(args, config, stdout, stderr, config_path=path)
         except ConfigError as exc:
             stderr.write("%s: %s\n" % (PROG, exc))
             return EXIT_USAGE

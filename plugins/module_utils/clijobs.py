@@ -2,7 +2,7 @@
 # Copyright: baileys.resilience contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The host tool's jobs: what ``baileys-resilience backup|replicate|fetch|reencrypt|verify|cleanup|health|export|
-import`` does.
+import|pitr-metrics`` does.
 
 :func:`run_job` wraps every job: its own lock (a second concurrent run exits 75 at once), one
 structured log line per step on stderr (JSON lines or logfmt, secrets masked), Sentry Crons and
@@ -45,9 +45,10 @@ def _opt(args, name, default=None):
 
 
 class Context:
-    def __init__(self, args, config, stdout, stderr):
+    def __init__(self, args, config, stdout, stderr, config_path=None):
         self.args = args
         self.config = config
+        self.config_path = config_path  # config.yml: the files next to it (pitr.json) are found from it
         self.stdout = stdout
         self.stderr = stderr
         self.secrets = cliconfig.config_secrets(config)
@@ -61,6 +62,15 @@ class Context:
         self.host = config.get("hostname") or socket.gethostname()
         # what must survive a restart (alert state, probe histogram): on disk, 0700
         self.state_dir = config.get("state_dir") or alertstate.DEFAULT_STATE_DIR
+        self.clock = None  # seconds since the epoch for the alert state (tests set a fake one)
+
+    def add_secret(self, secret, log=None):
+        """A secret a job reads elsewhere (pitr.json's password): masked like the config's, in the log, the
+        output and the alerts (run_job hands ``secrets`` to them after the job)."""
+        if secret and str(secret) not in self.secrets:
+            self.secrets.append(str(secret))
+            if log is not None:
+                log.add_secret(secret)
 
     def section(self, name):
         return self.config.get(name) or {}
@@ -88,11 +98,12 @@ def _previous_sample(path, metric, job):
     return None
 
 
-def _write_metrics(ctx, log, job, ok, duration, extra):
-    directory = ctx.config.get("textfile_dir")
+def _write_metrics(ctx, log, job, ok, duration, extra, textfile=None):
+    directory, name = textfile or (None, None)
+    directory = directory or ctx.config.get("textfile_dir")
     if not directory:
         return
-    name = "baileys_resilience_%s.prom" % job
+    name = name or "baileys_resilience_%s.prom" % job
     metrics = jobs.job_metrics(job, ok, duration, extra=extra)
     if not ok:
         last = _previous_sample(os.path.join(directory, name), "baileys_resilience_job_last_success_timestamp_seconds",
@@ -108,31 +119,52 @@ def _write_metrics(ctx, log, job, ok, duration, extra):
 
 
 class Outcome:
-    """What a job function returns."""
+    """What a job function returns.
 
-    def __init__(self, result, summary, exit_code=EXIT_OK, checkin_ok=None, notify=None, metrics=None):
+    ``checks`` (health's form ``[{"name", "status", "detail", "company_id"?}]``): one alert key per check, the
+    checks at or above ``notify_on`` alert (default: the config's ``health.notify_on``).  ``textfile``
+    ``(directory, name)``: where the job metrics go, instead of ``<textfile_dir>/baileys_resilience_<job>.prom``
+    (either part None: the default).
+    """
+
+    def __init__(self, result, summary, exit_code=EXIT_OK, checkin_ok=None, notify=None, metrics=None,
+                 checks=None, notify_on=None, textfile=None):
         self.result = result
         self.summary = summary
         self.exit_code = exit_code
         self.checkin_ok = exit_code == EXIT_OK if checkin_ok is None else checkin_ok
         self.notify = (exit_code != EXIT_OK) if notify is None else notify
         self.metrics = metrics or []
+        self.checks = checks
+        self.notify_on = notify_on
+        self.textfile = textfile
 
 
-def make_alerts(ctx, log, alerting=True):
+# jobs whose textfile holds more than the job metrics (pitr-metrics: the pitr gauges the pitr alerts read): a run
+# that raised leaves the file as it is (its last run time goes stale: JobMissed) instead of dropping them
+KEEP_TEXTFILE_ON_ERROR = ("pitr-metrics",)
+# Sentry Crons schedules of the jobs alerts.DEFAULT_SCHEDULES does not know (alerts.sentry.schedules wins)
+SCHEDULES = {"pitr-metrics": "* * * * *"}
+
+
+def make_alerts(ctx, log, alerting=True, job=None):
     """The job's alerts; with a channel configured, every decision goes through the alert state on disk
     (``alerts.state_file``, default ``<state_dir>/alert-state.json``; ``state_file: ""`` turns it off)."""
     config = ctx.config.get("alerts") if alerting else None
     channels = bool(config) and bool((config.get("sentry") or {}).get("dsn") or
                                      (config.get("telegram") or {}).get("bot_token"))
     default = os.path.join(ctx.state_dir, alertstate.DEFAULT_STATE_FILE_NAME) if channels else None
-    return alerts_mod.Alerts(config, log=log, secrets=ctx.secrets, default_state_file=default)
+    if channels and job in SCHEDULES and (config.get("sentry") or {}).get("dsn"):
+        sentry = dict(config["sentry"])
+        sentry["schedules"] = dict({job: SCHEDULES[job]}, **(sentry.get("schedules") or {}))
+        config = dict(config, sentry=sentry)
+    return alerts_mod.Alerts(config, log=log, secrets=ctx.secrets, default_state_file=default, clock=ctx.clock)
 
 
 def run_job(ctx, job, func, lock=True, alerting=True):
     """Lock, log, alert and report around ``func(ctx, log) -> Outcome``; returns the exit code."""
     log = jobs.JobLog(job, stream=ctx.stderr, fmt=ctx.log_format, secrets=ctx.secrets)
-    alerts = make_alerts(ctx, log, alerting)
+    alerts = make_alerts(ctx, log, alerting, job)
     started = time.monotonic()
     job_lock = jobs.JobLock(job, ctx.lock_dir)
     if lock:
@@ -163,14 +195,17 @@ def run_job(ctx, job, func, lock=True, alerting=True):
             outcome = Outcome(dict(result, failed=True, msg=message), message, EXIT_FAILED)
             log.emit(job, "error", error=message)
         duration = time.monotonic() - started
-        _write_metrics(ctx, log, job, outcome.exit_code == EXIT_OK, duration, outcome.metrics)
+        if error is None or job not in KEEP_TEXTFILE_ON_ERROR:
+            _write_metrics(ctx, log, job, outcome.exit_code == EXIT_OK, duration, outcome.metrics,
+                           outcome.textfile)
+        alerts.secrets.extend(s for s in ctx.secrets if s not in alerts.secrets)  # ctx.add_secret during the job
         if alerting:
             alerts.job_finished(job, outcome.checkin_ok, outcome.summary, exc=error, host=ctx.host,
                                 warn=outcome.notify and outcome.checkin_ok,
                                 context={"host": ctx.host, "exit_code": outcome.exit_code},
-                                checks=(outcome.result or {}).get("checks") if job == "health" and error is None
-                                else None,
-                                notify_on=ctx.section("health").get("notify_on") or cliconfig.NOTIFY_ON[0])
+                                checks=outcome.checks if error is None else None,
+                                notify_on=outcome.notify_on or ctx.section("health").get("notify_on")
+                                or cliconfig.NOTIFY_ON[0])
         log.emit("finish", "ok" if outcome.exit_code == EXIT_OK else "error", time.monotonic() - started,
                  exit_code=outcome.exit_code, alert_failures=len(alerts.delivery_failures) or None)
     finally:
@@ -412,7 +447,7 @@ def job_health(ctx, log):
     notify_on = ctx.section("health").get("notify_on", cliconfig.NOTIFY_ON[0])
     notify = notify_on != "never" and health.EXIT_CODES[result["status"]] >= health.EXIT_CODES.get(notify_on, 1)
     return Outcome(result, summary, result["exit_code"], checkin_ok=result["status"] != "critical",
-                   notify=notify, metrics=health.prom_metrics(result))
+                   notify=notify, metrics=health.prom_metrics(result), checks=result["checks"])
 
 
 def watch_health(ctx):
@@ -435,6 +470,57 @@ def watch_health(ctx):
     except KeyboardInterrupt:
         pass
     return code
+
+
+def _pitr_config(ctx):
+    """``(path, config)`` of the pitr role's ``pitr.json`` (``--pitr-config``, default next to config.yml),
+    refused as config.yml is unless 0600/0400 and owned by root or this user: it holds Barman's password."""
+    path = getattr(ctx.args, "pitr_config", None) or os.path.join(
+        os.path.dirname(os.path.abspath(ctx.config_path or cliconfig.DEFAULT_CONFIG)), "pitr.json")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError("cannot open %s: %s (the pitr role writes it in streaming mode)"
+                          % (path, exc.strerror or exc))
+    with os.fdopen(fd, "rb") as fh:
+        cliconfig.check_config_file(fh.fileno(), path)
+        raw = fh.read(1 << 20)
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError too; the message quotes no content
+        raise ConfigError("%s is not valid JSON: %s" % (path, exc))
+    if not isinstance(config, dict):
+        raise ConfigError("%s must be a JSON object" % path)
+    return path, config
+
+
+def job_pitr_metrics(ctx, log):
+    """The pitr role's WAL streaming (Barman), every minute: ``pitr.evaluate`` with ``pitr.json``; its gauges and
+    the job metrics into ``<its textfile_dir>/baileys_pitr.prom`` (one file: node_exporter refuses a series in two);
+    one alert key per problem (``pitr.assess``); exit 1 on a critical one."""
+    from . import pitr
+
+    path, config = _pitr_config(ctx)
+    conn = config.get("conn") or {}
+    for secret in (conn.get("login_password"), (conn.get("connect_params") or {}).get("password")):
+        ctx.add_secret(secret, log)
+    with log.step("collect", config=path) as step:
+        ok, metrics, result = pitr.evaluate(config)
+        step.counts(ok=ok, receive_wal=result["receive_wal"], slot_exists=result["slot_exists"],
+                    slot_active=result["slot_active"], slot_lag_bytes=result["slot_lag_bytes"],
+                    wal_waiting_files=result["wal_waiting_files"],
+                    problems=[p["name"] for p in result["problems"]] or None)
+    problems = result["problems"]
+    if problems:
+        summary = "%s: %s" % ("NOT OK" if not ok else "needs attention",
+                              "; ".join("%s: %s" % (p["name"], p["detail"]) for p in problems))
+    else:
+        summary = "ok: receive-wal streaming, slot %s %s, %s bytes of WAL kept for it, %s WAL file(s) waiting" % (
+            result["slot"], "active" if result["slot_active"] else "inactive", result["slot_lag_bytes"],
+            result["wal_waiting_files"])
+    return Outcome(result, summary, EXIT_OK if ok else EXIT_FAILED, checkin_ok=ok, notify=bool(problems),
+                   metrics=metrics, checks=problems, notify_on="warning",
+                   textfile=(config.get("textfile_dir") or None, pitr.TEXTFILE_NAME))
 
 
 def job_export(ctx, log):
@@ -526,4 +612,5 @@ JOBS = {
     "health": job_health,
     "export": job_export,
     "import": job_import,
+    "pitr-metrics": job_pitr_metrics,
 }

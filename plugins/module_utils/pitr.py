@@ -12,8 +12,10 @@ replication slot, ``barman cron``); this room only
 * runs Barman as its own user (``Barman``) and reads its JSON output (backups, check);
 * creates a named restore point (``restore_point``, taken before every failover switch);
 * turns ``barman check``, the slot's lag and state and the WAL files waiting in the streaming directory (not yet
-  archived) into metrics (``collect_metrics``, the ``pitr-metrics`` cron job:
-  ``python3 -m baileys_resilience.pitr metrics CONFIG``).
+  archived) into metrics (``collect_metrics``) and into problems, one per thing wrong (``assess``): what the host
+  command's job ``baileys-resilience pitr-metrics`` (clijobs.py, every minute from the pitr role's cron) writes
+  and alerts on; ``python3 -m baileys_resilience.pitr metrics CONFIG`` is the older cron line's entry point (the
+  same metrics and exit code, no alerts).
 
 Recovery into a scratch instance is in ``pitrscratch``.  Client programs get the connection through
 ``pgtools.ClientConnection``: never a password on a command line.
@@ -37,6 +39,9 @@ DEFAULT_SLOT = "barman_baileys"
 DEFAULT_BARMAN = "/opt/barman/bin/barman"
 DEFAULT_BARMAN_CONFIG = "/etc/barman.conf"
 DEFAULT_BARMAN_USER = "barman"
+DEFAULT_MAX_WAL_WAITING_SECONDS = 600  # as the BaileysResiliencePitrWalNotArchived rule
+JOB_NAME = "pitr-metrics"  # the job label of its job metrics (the rules' job_name)
+TEXTFILE_NAME = "baileys_pitr.prom"  # the one file with the metrics and the job metrics of pitr-metrics
 # the problems that mean "the provider does not allow streaming": the role falls back to hourly dumps for them
 NOT_ALLOWED = ("replication_refused", "no_replication_privilege", "wal_level")
 _SLOT_RE = re.compile(r"^[a-z0-9_]{1,63}$")
@@ -365,7 +370,9 @@ def collect_metrics(barman, conn_params, slot=DEFAULT_SLOT, bin_dir=None):
         summary["check_error"] = str(exc)
     failed = failed_checks(checks) if checks else ["barman check"]
     receive = (checks.get("receive_wal_running") or checks.get("receive-wal running") or {}).get("status", "FAILED")
-    summary.update(failed_checks=failed, receive_wal=receive)
+    hints = {name: str(checks[name]["hint"]) for name in failed
+             if isinstance(checks.get(name), dict) and checks[name].get("hint")}
+    summary.update(failed_checks=failed, receive_wal=receive, failed_check_hints=hints)
     slot_active, lag, wal_status, safe = None, None, "", None
     try:
         rc, out, err = run_psql(pgtools.find_bin_dir(bin_dir, tool="psql"), conn_params, _SLOT_SQL % slot)
@@ -445,21 +452,85 @@ def _backup_epoch(text):
     return None
 
 
-def metrics_job(config):
-    """The cron job: read the JSON config the role wrote, write ``<textfile_dir>/baileys_pitr.prom`` and print
-    a one-line JSON summary (exit 1 when streaming is down or the slot is missing)."""
+# barman check's own names for what assess reports as receive_wal and slot problems
+_STREAMING_CHECKS = ("receive_wal_running", "receive-wal running", "replication_slot")
+
+
+def _size(n):
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return "%.1f %s" % (n / scale, unit)
+    return "%d B" % n
+
+
+def assess(summary, max_slot_lag_bytes=None, max_wal_waiting_seconds=DEFAULT_MAX_WAL_WAITING_SECONDS):
+    """What is wrong, from :func:`collect_metrics`' summary: ``[{"name", "status", "detail"}]`` in health's
+    form, one entry per problem, so that each is its own alert key.  ``critical`` (the job fails): receive-wal
+    not running, the slot missing or lost, its lag over ``max_slot_lag_bytes``; ``warning``: another failed
+    barman check (``barman_check:<check>``), completed WAL waiting in the streaming directory for longer than
+    ``max_wal_waiting_seconds`` (the S3 upload of ``barman cron`` failing)."""
+    out = []
+    slot = summary.get("slot")
+    if summary.get("receive_wal") != "OK":
+        detail = "receive-wal (WAL streaming) is not running: barman check receive_wal_running %s" % (
+            summary.get("receive_wal") or "FAILED")
+        if summary.get("check_error"):
+            detail = "receive-wal state unknown: %s" % summary["check_error"]
+        out.append({"name": "receive_wal", "status": "critical", "detail": detail})
+    if not summary.get("slot_exists"):
+        detail = "replication slot %s does not exist on the database server: no WAL is kept for Barman" % slot
+        if summary.get("slot_error"):
+            detail = "cannot ask the database server about replication slot %s: %s" % (slot, summary["slot_error"])
+        out.append({"name": "slot_missing", "status": "critical", "detail": detail})
+    elif summary.get("slot_lost"):
+        out.append({"name": "slot_lost", "status": "critical", "detail":
+                    "the database server invalidated replication slot %s (wal_status lost): WAL Barman had not "
+                    "received is gone, recovery past it needs a new base backup" % slot})
+    lag = summary.get("slot_lag_bytes") or 0
+    if max_slot_lag_bytes and lag > int(max_slot_lag_bytes):
+        out.append({"name": "slot_lag", "status": "critical", "detail":
+                    "the database server keeps %d bytes (%s) of WAL for slot %s, %d bytes over the limit of %d "
+                    "(pitr_max_slot_lag_bytes)" % (lag, _size(lag), slot, lag - int(max_slot_lag_bytes),
+                                                   int(max_slot_lag_bytes))})
+    hints = summary.get("failed_check_hints") or {}
+    for name in summary.get("failed_checks") or ():
+        if name in _STREAMING_CHECKS or name == "barman check":
+            continue
+        hint = hints.get(name)
+        out.append({"name": "barman_check:%s" % name, "status": "warning",
+                    "detail": "barman check %s FAILED%s" % (name, " (%s)" % hint if hint else "")})
+    age = summary.get("wal_waiting_oldest_age_seconds") or 0
+    if max_wal_waiting_seconds and age > float(max_wal_waiting_seconds):
+        out.append({"name": "wal_waiting", "status": "warning", "detail":
+                    "%s WAL file(s) streamed but not archived, the oldest for %d s (limit %d s): barman cron "
+                    "archives a file only once its S3 upload (pre_archive_retry_script) succeeds" % (
+                        summary.get("wal_waiting_files"), age, float(max_wal_waiting_seconds))})
+    return out
+
+
+def evaluate(config):
+    """``(ok, metrics, summary)`` of one run with the JSON config the role wrote (``pitr.json``): the metrics of
+    :func:`collect_metrics` and its summary with ``problems`` (:func:`assess`), ``ok`` (no critical problem),
+    ``duration`` and ``at``."""
     barman = Barman(config.get("barman", DEFAULT_BARMAN), config.get("barman_config", DEFAULT_BARMAN_CONFIG),
                     config.get("server", DEFAULT_SERVER), config.get("barman_user", DEFAULT_BARMAN_USER))
     started = time.monotonic()
     metrics, summary = collect_metrics(barman, config.get("conn", {}), config.get("slot", DEFAULT_SLOT),
                                        config.get("pg_bin_dir"))
-    max_lag = config.get("max_slot_lag_bytes")
-    ok = summary["receive_wal"] == "OK" and summary["slot_exists"] and (
-        not max_lag or (summary["slot_lag_bytes"] or 0) <= int(max_lag))
-    summary.update(ok=ok, duration=round(time.monotonic() - started, 3), at=jobs.iso())
+    problems = assess(summary, config.get("max_slot_lag_bytes"),
+                      config.get("max_wal_waiting_seconds", DEFAULT_MAX_WAL_WAITING_SECONDS))
+    ok = not any(p["status"] == "critical" for p in problems)
+    summary.update(ok=ok, problems=problems, duration=round(time.monotonic() - started, 3), at=jobs.iso())
+    return ok, metrics, summary
+
+
+def metrics_job(config):
+    """The older cron job (``python3 -m baileys_resilience.pitr metrics``): :func:`evaluate`, then
+    ``<textfile_dir>/baileys_pitr.prom`` with the job metrics; no alerts.  ``(ok, summary)``."""
+    ok, metrics, summary = evaluate(config)
     if config.get("textfile_dir"):
-        summary["metrics_file"] = jobs.write_textfile(config["textfile_dir"], "baileys_pitr",
-                                                      jobs.job_metrics("pitr-metrics", ok, summary["duration"],
+        summary["metrics_file"] = jobs.write_textfile(config["textfile_dir"], TEXTFILE_NAME,
+                                                      jobs.job_metrics(JOB_NAME, ok, summary["duration"],
                                                                        extra=metrics))
     return ok, summary
 
@@ -467,7 +538,8 @@ def metrics_job(config):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "metrics":
-        sys.stderr.write("usage: python3 -m baileys_resilience.pitr metrics CONFIG.json\n")
+        sys.stderr.write("usage: python3 -m baileys_resilience.pitr metrics CONFIG.json (the older cron line; "
+                         "baileys-resilience pitr-metrics also alerts)\n")
         return 2
     try:
         with open(argv[1], encoding="utf-8") as fh:

@@ -192,6 +192,7 @@ def test_rollback_from_a_local_backup_encrypted_on_the_host(ansible_env, db, dbc
     assert str(ident) not in out
     report = res["Rollback | report"]["failover_rollback_report"]
     assert report["source"] == "backup" and report["backup_file"] == made["backup"] and int(report["companies"]) == 2
+
     def keys_of(path):  # the files the service reads (each company's export manifest names its source)
         return {k: v for k, v in tree(path).items() if not k.endswith(".baileys-resilience-manifest.json")}
     assert keys_of(sessions) and keys_of(sessions) == keys_of(expected)

@@ -12,7 +12,6 @@ from support import ROOT
 from tests.integration.roles.test_upgrade import failure, run
 
 
-
 def preflight(settings):
     """The role's defaults, the inventory's settings over them (as a role's defaults are), its preflight."""
     return [
@@ -22,6 +21,7 @@ def preflight(settings):
         {"name": "The pitr role's preflight", "ansible.builtin.include_tasks":
          os.path.join(ROOT, "roles", "pitr", "tasks", "preflight.yml")},
     ]
+
 
 AGE_RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
 TARGET = {"name": "primary", "bucket": "pitr-bucket", "region": "eu-west-1"}
@@ -38,7 +38,7 @@ def test_cloud_hooks_are_refused_when_the_dumps_are_encrypted_to_age_recipients(
     assert "barman-cloud cannot encrypt" in msg and "Nothing was configured" in msg, msg
     assert stats["changed"] == 0, stats
     # the read-only probe of the server never ran: the refusal comes first
-    assert not any("can Barman stream" in name for name, _ in results), results
+    assert not any("can Barman stream" in name for name, _result in results), results
 
 
 def test_cloud_hooks_with_recipients_need_sse_on_every_target_when_accepted(ansible_env, tmp_path):

@@ -1,6 +1,7 @@
 """pitr / pitrscratch without a server: targets, the choice of base backup, the replay report, checks, metrics."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -169,3 +170,53 @@ def test_metrics_slot_lost(tmp_path, monkeypatch):
     values, summary, text = _metrics(monkeypatch, tmp_path, "")  # no slot: no verdict
     assert values["baileys_pitr_slot_lost"] == [None] and summary["slot_lost"] is None
     assert "baileys_pitr_slot_lost" not in text and values["baileys_pitr_slot_exists"] == [0]
+
+
+def test_assess_names_each_problem():
+    well = {"slot": "barman_baileys", "receive_wal": "OK", "slot_exists": True, "slot_lost": 0,
+            "slot_lag_bytes": 16 << 20, "failed_checks": [], "wal_waiting_files": 1,
+            "wal_waiting_oldest_age_seconds": 30.0}
+    assert pitr.assess(well, 1 << 30) == []
+    down = dict(well, receive_wal="FAILED", slot_lag_bytes=(1 << 30) + 5, slot_lost=None,
+                failed_checks=["archiver_errors", "receive_wal_running", "replication_slot"],
+                failed_check_hints={"archiver_errors": "3 errors"}, wal_waiting_files=7,
+                wal_waiting_oldest_age_seconds=1800.5)
+    problems = {p["name"]: p for p in pitr.assess(down, 1 << 30)}
+    assert sorted(problems) == ["barman_check:archiver_errors", "receive_wal", "slot_lag", "wal_waiting"]
+    assert {n: p["status"] for n, p in problems.items()} == {
+        "receive_wal": "critical", "slot_lag": "critical", "barman_check:archiver_errors": "warning",
+        "wal_waiting": "warning"}
+    assert "5 bytes over the limit of 1073741824" in problems["slot_lag"]["detail"]
+    assert problems["barman_check:archiver_errors"]["detail"] == "barman check archiver_errors FAILED (3 errors)"
+    assert "7 WAL file(s) streamed but not archived, the oldest for 1800 s (limit 600 s)" \
+        in problems["wal_waiting"]["detail"]
+    assert [p["name"] for p in pitr.assess(down, None, None)] == ["receive_wal", "barman_check:archiver_errors"]
+    # barman check did not answer; the server could not be asked; the slot lost
+    odd = dict(well, receive_wal="FAILED", check_error="barman check: not JSON", failed_checks=["barman check"],
+               slot_exists=False, slot_lag_bytes=None, slot_error="psql: connection refused")
+    assert [(p["name"], p["detail"]) for p in pitr.assess(odd, 1 << 30)] == [
+        ("receive_wal", "receive-wal state unknown: barman check: not JSON"),
+        ("slot_missing", "cannot ask the database server about replication slot barman_baileys: psql: connection "
+                         "refused")]
+    lost = pitr.assess(dict(well, slot_lost=1, slot_lag_bytes=-1), 1 << 30)
+    assert [(p["name"], p["status"]) for p in lost] == [("slot_lost", "critical")]
+
+
+def test_the_older_entry_point_still_writes_the_textfile(tmp_path, monkeypatch, capsys):
+    class Fake(FakeBarman):
+        def __init__(self, *args):
+            FakeBarman.__init__(self, tmp_path)
+
+    monkeypatch.setattr(pitr, "Barman", Fake)
+    monkeypatch.setattr(pitr.pgtools, "find_bin_dir", lambda *a, **kw: "/nonexistent/bin")
+    monkeypatch.setattr(pitr, "run_psql", lambda *a, **kw: (0, "t|%d|reserved|-1\n" % (2 << 30), ""))
+    config = tmp_path / "pitr.json"
+    config.write_text('{"textfile_dir": "%s", "max_slot_lag_bytes": %d}' % (tmp_path, 1 << 30))
+    assert pitr.main(["metrics", str(config)]) == 1  # lag over the limit
+    summary = json.loads(capsys.readouterr().out)
+    assert not summary["ok"] and [p["name"] for p in summary["problems"]] == ["slot_lag"]
+    text = (tmp_path / pitr.TEXTFILE_NAME).read_text()
+    assert 'baileys_resilience_job_success{job="pitr-metrics"} 0\n' in text and "baileys_pitr_slot_lag_bytes" in text
+    config.write_text('{"textfile_dir": "%s"}' % tmp_path)
+    assert pitr.main(["metrics", str(config)]) == 0
+    assert pitr.main(["metrics"]) == 2
