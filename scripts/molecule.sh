@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run molecule scenarios: every molecule/<name>/molecule.yml but the default stub (no argument) or the ones named.
 #   scripts/molecule.sh [scenario[@distro]...]   (make molecule [S=<scenario>]; backup@bookworm: Debian 12 app host)
+# Without arguments two pairs of scenarios run side by side (BAILEYS_MOLECULE_PAIRS=0: one at a time); an
+# argument a+b runs those two side by side.
 # Prepares the machine first (scripts/molecule-prepare.sh: podman, cached images, apt mirror),
 # prints the elapsed time of each scenario and exits non-zero when any of them failed
 # (the others still run). MOLECULE_ARGS is passed to `molecule test` (e.g. --destroy=never).
@@ -34,8 +36,10 @@ if [ ${#scenarios[@]} -eq 0 ]; then
     echo "molecule: no scenario under molecule/" >&2
     exit 0
 fi
-for s in "${scenarios[@]}"; do
-    [ -f "molecule/${s%@*}/molecule.yml" ] || { echo "molecule: no scenario molecule/${s%@*}/molecule.yml" >&2; exit 2; }
+for step in "${scenarios[@]}"; do
+    for s in ${step/+/ }; do
+        [ -f "molecule/${s%@*}/molecule.yml" ] || { echo "molecule: no scenario molecule/${s%@*}/molecule.yml" >&2; exit 2; }
+    done
 done
 
 t0=$SECONDS
@@ -44,23 +48,72 @@ prep=$((SECONDS - t0))
 
 results=()
 failed=0
+LOGDIR=$ROOT/.build/molecule-logs
+mkdir -p "$LOGDIR"
+
+# run_one <scenario[@distro]>: molecule test, its output to the terminal (or, with a second argument, to that
+# file); records "<name> <status> <seconds>" in $LOGDIR/<name>.result.
 # A scenario name may end in @<distro> (backup@bookworm): the same scenario with its app host on that
 # distribution's image (BAILEYS_TEST_DISTRO, read by the scenario's molecule.yml, playbooks and verifier).
-for s in "${scenarios[@]}"; do
-    echo "==> molecule test -s $s"
-    ts=$SECONDS
-    distro=trixie
+run_one() {
+    local s=$1 out=${2:-} ts=$SECONDS distro=trixie status=ok
     [ "$s" != "${s%@*}" ] && distro=${s#*@}
-    # shellcheck disable=SC2086
-    if BAILEYS_TEST_DISTRO=$distro molecule test -s "${s%@*}" ${MOLECULE_ARGS:-}; then
-        status=ok
+    if [ -n "$out" ]; then
+        # shellcheck disable=SC2086
+        BAILEYS_TEST_DISTRO=$distro molecule test -s "${s%@*}" ${MOLECULE_ARGS:-} > "$out" 2>&1 || status=FAILED
     else
-        status=FAILED
-        failed=1
+        # shellcheck disable=SC2086
+        BAILEYS_TEST_DISTRO=$distro molecule test -s "${s%@*}" ${MOLECULE_ARGS:-} || status=FAILED
     fi
-    dt=$((SECONDS - ts))
+    echo "$s $status $((SECONDS - ts))" > "$LOGDIR/$s.result"
+}
+
+record() {
+    local s status dt
+    read -r s status dt < "$LOGDIR/$1.result"
+    [ "$status" = ok ] || failed=1
     results+=("$(printf '%-24s %-6s %4dm%02ds' "$s" "$status" $((dt / 60)) $((dt % 60)))")
     echo "<== $s: $status in $((dt / 60))m$((dt % 60))s"
+}
+
+# A step "a+b" runs two scenarios side by side (their own containers, networks and ports; each one's output
+# goes to .build/molecule-logs/<name>.log and is printed when both are done). The default run pairs the scenarios
+# whose checks hold on a shared machine; emergency_rollback's recovery and alert times (limits in seconds) run alone.
+steps=("${scenarios[@]}")
+if [ $# -eq 0 ] && [ "${BAILEYS_MOLECULE_PAIRS:-1}" = 1 ]; then
+    steps=()
+    rest=" ${scenarios[*]} "
+    for pair in backup+pitr s3_replication+backup@bookworm; do
+        a=${pair%+*} b=${pair#*+}
+        if [[ $rest == *" $a "* && $rest == *" $b "* ]]; then
+            steps+=("$pair")
+            rest=${rest/ $a / }
+            rest=${rest/ $b / }
+        fi
+    done
+    for s in $rest; do steps+=("$s"); done
+fi
+
+for step in "${steps[@]}"; do
+    if [ "$step" != "${step%+*}" ]; then
+        a=${step%+*} b=${step#*+}
+        echo "==> molecule test -s $a and -s $b, side by side (logs: $LOGDIR/$a.log, $LOGDIR/$b.log)"
+        run_one "$a" "$LOGDIR/$a.log" &
+        pa=$!
+        run_one "$b" "$LOGDIR/$b.log" &
+        pb=$!
+        wait $pa || true
+        wait $pb || true
+        for s in "$a" "$b"; do
+            echo "==> molecule test -s $s (output)"
+            cat "$LOGDIR/$s.log"
+            record "$s"
+        done
+    else
+        echo "==> molecule test -s $step"
+        run_one "$step"
+        record "$step"
+    fi
 done
 
 echo "---- molecule summary"

@@ -59,7 +59,7 @@ def test_tool_has_boto3_and_pyrage(host):
 
 def test_encryption_configured_and_no_identity_on_the_host(host):
     cfg = yaml.safe_load(host.file("%s/config.d/s3_replication.yml" % CONFIG_DIR).content_string)["s3"]
-    assert cfg["encryption"] == {"recipients": [RECIPIENT], "required": True}, cfg["encryption"]
+    assert cfg["encryption"] == {"recipients": [RECIPIENT], "required": True, "encrypt_local": False}, cfg["encryption"]
     # identities (private keys) never go on the backup host: none in its config, install or backup directories
     found = host.run("grep -rIlE 'AGE-SECRET-KEY-1[0-9A-Z]{58}' %s /opt/baileys-resilience %s /root || true"
                      % (CONFIG_DIR, BACKUP_DIR))
