@@ -245,15 +245,14 @@ def decrypt_bytes(data, identities, made_for=(), what="object"):
         raise AgeError("%s does not decrypt: %s" % (what, exc))
 
 
-def _open_partial(dest):
-    partial = dest + ".partial"
+def _open_partial(partial):
     try:
         os.unlink(partial)
     except FileNotFoundError:
         pass
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     os.fchmod(fd, 0o600)
-    return partial, fd
+    return fd
 
 
 def _unlink_quiet(path):
@@ -303,19 +302,16 @@ def _encrypt_to_fd(reader, fd, encryption):
             "sha256": cipher.digest.hexdigest(), "size": cipher.size}
 
 
-def encrypt_file(src, dest, encryption, expect=None):
-    """Encrypt ``src`` (a path, or a binary file open for reading) to ``dest`` in one pass: the plaintext is
-    hashed as it is read, the ciphertext as it is written (``dest.partial``, 0600, fsynced, renamed).
-
-    Returns ``{"plain_sha256", "plain_size", "sha256", "size"}`` (the last two: the ciphertext's).  With
-    ``expect`` (``(sha256, size)``) a plaintext that read otherwise raises :class:`PlaintextMismatch` and
-    nothing is kept.  On any failure the partial file is removed.  Memory stays flat (1 MiB blocks).
-    """
+def _encrypt_to_partial(src, partial, encryption, expect=None):
+    """Encrypt ``src`` (a path, or a binary file open for reading) into the new file ``partial`` (0600, a stale
+    one removed first, fsynced, its age header checked), hashing the plaintext as it is read and the ciphertext
+    as it is written; with ``expect`` (``(sha256, size)``) a plaintext that read otherwise raises
+    :class:`PlaintextMismatch`.  On any failure ``partial`` is removed.  Returns the hashes (:func:`encrypt_file`)."""
     require_pyrage()
     what = src if isinstance(src, str) else getattr(src, "name", "plaintext")
     reader = open(src, "rb", buffering=0) if isinstance(src, str) else src
     try:
-        partial, fd = _open_partial(dest)
+        fd = _open_partial(partial)
         try:
             info = _encrypt_to_fd(reader, fd, encryption)
             if expect is not None and (info["plain_sha256"], info["plain_size"]) != tuple(expect):
@@ -325,7 +321,6 @@ def encrypt_file(src, dest, encryption, expect=None):
             fd = None
             if not file_is_age(partial):
                 raise AgeError("encryption of %s produced no age header" % what)
-            os.rename(partial, dest)
         except BaseException as exc:
             if fd is not None:
                 os.close(fd)
@@ -336,6 +331,24 @@ def encrypt_file(src, dest, encryption, expect=None):
     finally:
         if reader is not src:
             reader.close()
+    return info
+
+
+def encrypt_file(src, dest, encryption, expect=None):
+    """Encrypt ``src`` (a path, or a binary file open for reading) to ``dest`` in one pass: the plaintext is
+    hashed as it is read, the ciphertext as it is written (``dest.partial``, 0600, fsynced, renamed).
+
+    Returns ``{"plain_sha256", "plain_size", "sha256", "size"}`` (the last two: the ciphertext's).  With
+    ``expect`` (``(sha256, size)``) a plaintext that read otherwise raises :class:`PlaintextMismatch` and
+    nothing is kept.  On any failure the partial file is removed.  Memory stays flat (1 MiB blocks).
+    """
+    partial = dest + ".partial"
+    info = _encrypt_to_partial(src, partial, encryption, expect)
+    try:
+        os.rename(partial, dest)
+    except BaseException:
+        _unlink_quiet(partial)
+        raise
     return info
 
 
@@ -362,7 +375,8 @@ def decrypt_file(src, dest, identities, made_for=(), what=None):
     what = what or src
     if not file_is_age(src):
         raise AgeError("%s is not age ciphertext" % what)
-    partial, fd = _open_partial(dest)
+    partial = dest + ".partial"
+    fd = _open_partial(partial)
     try:
         with open(src, "rb", buffering=_BUF) as reader, os.fdopen(fd, "wb", buffering=_BUF) as out:
             fd = None
@@ -509,23 +523,4 @@ def encrypt_file_hashed(src, partial, encryption):
     Returns ``{"plain_sha256", "plain_size", "sha256", "size"}`` (the last two: the ciphertext's).  On any
     failure ``partial`` is removed.  Memory stays flat (1 MiB blocks; the one pass of :func:`encrypt_file`).
     """
-    require_pyrage()
-    _unlink_quiet(partial)
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        with open(src, "rb", buffering=0) as fh:
-            info = _encrypt_to_fd(fh, fd, encryption)
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
-        if not file_is_age(partial):
-            raise AgeError("encryption of %s produced no age header" % src)
-    except BaseException as exc:
-        if fd is not None:
-            os.close(fd)
-        _unlink_quiet(partial)
-        if HAS_PYRAGE and isinstance(exc, pyrage.EncryptError):
-            raise AgeError("cannot encrypt %s: %s" % (src, exc))
-        raise
-    return info
+    return _encrypt_to_partial(src, partial, encryption)
